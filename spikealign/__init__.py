@@ -1,0 +1,16 @@
+"""spikealign: learning feedback weights without weight transport.
+
+Modules
+-------
+feedback   learning rules as PyTorch layers (bp, fa, usf, brsf, frsf, dfa, wm, kp, learned) and ``convert``
+metrics    alignment between forward weights and feedback
+models     the paper's convolutional network
+lif        the leaky integrate-and-fire network of the feedback-training phase (Brian2)
+rdd        the regression discontinuity estimator of causal effects
+phase      one feedback-training phase: simulate, estimate beta, update the feedback weights
+spikelog   the HDF5 spike-log format (writer and reader)
+data       datasets (torchvision) and the offline ``digits`` set
+trainer    the training loop alternating the spiking phase with forward learning
+"""
+
+__version__ = "0.1.0"
