@@ -1,0 +1,36 @@
+"""One exception for user mistakes, and the way entry points report it.
+
+Library code raises :class:`UserError` with a one-line message that names the problem and the fix.
+Entry points wrap ``main`` in :func:`exit_on_user_error`, so users see ``error: <message>`` and exit
+status 2 instead of a traceback. Programming errors still raise normally.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for (bad file, bad shape, unknown name...)."""
+
+
+def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
+    """Decorate an entry point: UserError (and KeyboardInterrupt) become a one-line exit."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            sys.stderr.write(f"error: {err}\n")
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            raise SystemExit(130) from None
+
+    return wrapper
