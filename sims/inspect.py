@@ -1,0 +1,110 @@
+"""Print what a spike log of the feedback-training phase holds, and optionally plot it.
+
+    python -m sims.inspect runs/phase.h5 [--plot DIR]
+
+Works on a finished log and on a ``.partial`` one (a run cut short or still running), which it
+reports as incomplete with the simulated time it reaches. ``--plot DIR`` writes raster.png,
+rates.png and alignment.png. The reading and plotting live in :mod:`spikealign.spikelog`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from spikealign.errors import UserError, exit_on_user_error
+from spikealign.spikelog import open_log, plot_alignment, plot_raster, plot_rates
+
+PLOTS = {"raster": plot_raster, "rates": plot_rates, "alignment": plot_alignment}
+MAX_SEGMENTS_LISTED = 24
+
+
+def format_summary(summary: dict) -> str:
+    """The text printed for a :meth:`SpikeLog.summary` dict."""
+    lines = [
+        f"log:       {summary['path']}",
+        f"format:    {summary['format']} version {summary['version']}, "
+        f"created {summary['created']}",
+    ]
+    if summary["complete"]:
+        lines.append(f"status:    complete, simulated until {summary['simulated_until']:.3f} s")
+    else:
+        lines.append(
+            f"status:    INCOMPLETE, ends at {summary['simulated_until']:.3f} s of simulated time "
+            "(run cut short or still running)"
+        )
+    names = [layer["name"] for layer in summary["layers"]]
+    lines.append(
+        f"network:   sizes {'-'.join(str(size) for size in summary['sizes'])} "
+        f"({names[0]}..{names[-1]}), dt {summary['dt'] * 1e3:g} ms, seed {summary['seed']}"
+    )
+
+    lines.append("layers:")
+    lines.append(
+        f"  {'layer':<6}{'size':>6}{'spikes':>11}{'sim_s':>9}{'mean_Hz':>9}{'max_Hz':>9}"
+        "   windows/neuron mean  min  max  spiked"
+    )
+    for layer in summary["layers"]:
+        row = (
+            f"  {layer['name']:<6}{layer['size']:>6}{layer['spikes']:>11}"
+            f"{layer['simulated_s']:>9.1f}{layer['mean_rate_hz']:>9.2f}{layer['max_rate_hz']:>9.2f}"
+        )
+        windows = layer["windows"]
+        if windows is None:
+            row += "   no windows"
+        else:
+            row += (
+                f"   {windows['per_neuron_mean']:>19.1f}{windows['per_neuron_min']:>5}"
+                f"{windows['per_neuron_max']:>5}{100 * windows['share_spiked']:>7.1f}%"
+            )
+        lines.append(row)
+
+    segments = summary["schedule"]
+    lines.append(f"schedule:  {len(segments)} segments")
+    listed = segments
+    if len(segments) > MAX_SEGMENTS_LISTED:
+        half = MAX_SEGMENTS_LISTED // 2
+        listed = segments[:half] + [None] + segments[-half:]
+    for segment in listed:
+        if segment is None:
+            lines.append(f"  ... {len(segments) - 2 * half} more ...")
+        else:
+            lines.append(
+                f"  {segment['start']:9.3f} - {segment['end']:9.3f} s  {segment['layer']} driven"
+            )
+
+    lines.append("alignment (first -> last):")
+    for fc, records in summary["alignment"].items():
+        if records is None:
+            lines.append(f"  {fc}: no records")
+            continue
+        first, last = records["first"], records["last"]
+        lines.append(
+            f"  {fc}: t {first['time']:.1f} -> {last['time']:.1f} s, "
+            f"angle {first['angle_deg']:.1f} -> {last['angle_deg']:.1f} deg, "
+            f"sign agreement {first['sign_agreement']:.1f} -> {last['sign_agreement']:.1f} %, "
+            f"norm ratio {first['norm_ratio']:.3f} -> {last['norm_ratio']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sims.inspect", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("log", type=Path, help="spike log (.h5, or .h5.partial of a cut-off run)")
+    parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots into DIR")
+    args = parser.parse_args(argv)
+    if args.plot is not None and args.plot.exists() and not args.plot.is_dir():
+        raise UserError(f"--plot {args.plot} is a file; give a directory for the PNG plots")
+    with open_log(args.log) as log:
+        print(format_summary(log.summary()))
+        if args.plot is not None:
+            args.plot.mkdir(parents=True, exist_ok=True)
+            for name, plot in PLOTS.items():
+                print(f"wrote {plot(log, args.plot / f'{name}.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Run one spiking feedback-training phase: ``python -m sims.rdd_phase``.
+
+Weights come from ``--weights FILE.npz`` (W1..Wn out x in, optional Y1..Yn), from a training
+checkpoint (``--checkpoint``), or are random Kaiming-uniform matrices of ``--sizes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from spikealign.errors import UserError, exit_on_user_error
+from spikealign.phase import (
+    FeedbackPhase,
+    PhaseConfig,
+    kaiming_uniform,
+    load_checkpoint_weights,
+    load_weights_npz,
+    save_weights_npz,
+    sizes_of,
+)
+from spikealign.rdd import ESTIMATORS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sims.rdd_phase", description=__doc__)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--weights", type=Path, help=".npz with W1..Wn (and optional Y1..Yn)")
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint of python -m training.run")
+    source.add_argument(
+        "--sizes",
+        default="1600,384,192,10",
+        help="layer sizes for random weights (default %(default)s)",
+    )
+    parser.add_argument("--duration", type=float, default=90.0, help="simulated seconds (90)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--estimator", choices=ESTIMATORS, default="lms")
+    parser.add_argument("--update", choices=("rescale", "gradient"), default="rescale")
+    parser.add_argument("--log", type=Path, help="write the HDF5 spike log here")
+    parser.add_argument("--summary-json", type=Path, help="write a JSON summary here")
+    parser.add_argument("--out-weights", type=Path, help="write W and the new Y (.npz) here")
+    parser.add_argument("--cache-dir", type=Path, help="where compiled programs are kept")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--sizes must be comma-separated integers, got {text!r}") from None
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise UserError(f"--sizes needs at least two positive sizes, got {text!r}")
+    return sizes
+
+
+def check_writable(path: Path | None, flag: str) -> None:
+    if path is not None and not os.access(path.parent if str(path.parent) else ".", os.W_OK):
+        raise UserError(f"{flag} {path}: directory {path.parent} does not exist or is not writable")
+
+
+def print_table(before: list[dict], after: list[dict]) -> None:
+    print(f"{'layer':<6} {'sign agreement %':>22} {'angle deg':>18} {'norm ratio':>16}")
+    for b, a in zip(before, after, strict=True):
+        print(
+            f"{a['layer']:<6} {b['sign_agreement']:>9.1f} -> {a['sign_agreement']:>8.1f}"
+            f" {b['angle_deg']:>7.1f} -> {a['angle_deg']:>7.1f}"
+            f" {b['norm_ratio']:>6.2f} -> {a['norm_ratio']:>6.2f}"
+        )
+
+
+@exit_on_user_error
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if not args.duration > 0:
+        raise UserError(f"--duration must be positive, got {args.duration}")
+    for path, flag in (
+        (args.log, "--log"),
+        (args.summary_json, "--summary-json"),
+        (args.out_weights, "--out-weights"),
+    ):
+        check_writable(path, flag)
+    if args.weights is not None:
+        weights, feedbacks = load_weights_npz(args.weights)
+        sizes = sizes_of(weights, str(args.weights))
+    elif args.checkpoint is not None:
+        weights, feedbacks = load_checkpoint_weights(args.checkpoint)
+        sizes = sizes_of(weights, str(args.checkpoint))
+    else:
+        sizes = parse_sizes(args.sizes)
+        rng = np.random.default_rng(args.seed)
+        weights = kaiming_uniform(sizes, rng)
+        feedbacks = kaiming_uniform(sizes, rng)
+    config = PhaseConfig(
+        duration=args.duration, estimator=args.estimator, update=args.update, seed=args.seed
+    )
+    phase = FeedbackPhase(sizes, config, cache_dir=args.cache_dir, progress=not args.no_progress)
+    if feedbacks is None:
+        feedbacks = kaiming_uniform(sizes, np.random.default_rng(args.seed + 1))
+    start = time.perf_counter()
+    result = phase.run(weights, feedbacks, log_path=args.log)
+    total_s = time.perf_counter() - start
+    n_fc = len(sizes) - 1
+    before, after = result.alignment[:n_fc], result.final_alignment()
+    print(
+        f"phase: {result.simulated_s:g} s simulated in {result.wall_s:.1f} s wall "
+        f"(+{result.build_s:.1f} s build/load), {total_s:.1f} s in all; "
+        f"RDD windows per fc: {result.windows}"
+    )
+    print_table(before, after)
+    summary = {
+        "simulated_s": result.simulated_s,
+        "wall_s": result.wall_s,
+        "build_s": result.build_s,
+        "layers": [
+            {key: a[key] for key in ("sign_agreement", "angle_deg", "norm_ratio")}
+            | {"name": a["layer"]}
+            for a in after
+        ],
+    }
+    if args.summary_json is not None:
+        tmp = args.summary_json.with_name(args.summary_json.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, args.summary_json)
+    if args.out_weights is not None:
+        save_weights_npz(args.out_weights, weights, result.feedbacks)
+    if args.log is not None:
+        print(f"spike log: {args.log} (inspect with: python -m sims.inspect {args.log})")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

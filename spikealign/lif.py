@@ -1,0 +1,468 @@
+"""The leaky integrate-and-fire network of the feedback-training phase (Brian2).
+
+Every layer of the fully connected chain (for example 1600-384-192-10) is a group of LIF neurons.
+With ``dt = 1 ms`` and the reference values of :class:`LIFParams`:
+
+Synaptic kernel (a difference of two exponentials, ``n`` steps after a spike)::
+
+    kappa(n) = (exp(-n dt / tau_L) - exp(-n dt / tau_s)) / ((tau_L - tau_s) / dt)
+
+run exactly as two decaying traces per neuron: a spike arriving through weight ``w`` adds ``w`` to
+both ``trace_L`` and ``trace_s``, and ``drive = (trace_L - trace_s) / kernel_norm`` with
+``kernel_norm = (tau_L - tau_s) / dt``.
+
+Drive ``B`` of a neuron (called ``drive`` below): in the noise-driven layer
+``B = alpha * (kappa * noise spikes)``; elsewhere ``B = sum_j W_hat_ij (kappa * spikes_j)`` of the
+layer below with ``W_hat = weight_gain * n_in * W / std(W)``. Biases, batch norm and ReLU are not
+part of the spiking network; layers below the driven one receive nothing and stay silent.
+
+Membrane and input drive::
+
+    dv/dt = -g_L v + g_D (B - v)        spike when v >= theta and not refractory; then v = v_reset
+    du/dt = -g_L u + g_D (B - u)        never reset by spikes; outside an RDD window u = v
+
+so a constant drive gives the steady state ``v = g_D / (g_L + g_D) * B = 6/7 B``. The refractory
+period blocks spikes only; ``v`` keeps integrating. The equations are integrated exactly (they are
+linear), so a constant drive follows ``v(t) = 6/7 B (1 - exp(-(g_L + g_D) t))``.
+
+Noise: at any moment a random ``noise_fraction`` (20 %) of the driven layer receives Poisson spikes
+at ``noise_rate`` (200 Hz); the subset is redrawn every ``noise_period`` (100 ms). The random
+numbers come from a counter-based generator (a hash of seed, layer, neuron and time step), so a
+phase is reproducible from its seed and independent of how it is cut into segments.
+
+RDD windows (METHOD 4), kept per neuron of the driven layer: a window opens when
+``|theta - u| <= window_open_band`` and none is open; while open, ``u_max`` tracks the maximum of
+``u`` and the neuron's spikes are counted; it closes ``window_length`` (30 ms) later and is recorded
+(neuron, start, end, u_max, spikes). The outcome of each window is computed afterwards from the
+recorded spikes of the layer above (:mod:`spikealign.rdd`).
+
+The program is built once per network shape with Brian2's ``cpp_standalone`` device and cached on
+disk; each segment of a phase reruns the compiled binary with new weights, state and seed through
+``run_args`` (no recompilation, also in later processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: Bump when the generated program changes, so old cached builds are not reused.
+PROGRAM_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LIFParams:
+    """Parameters of the LIF network (reference values, METHOD 2 and 4). Units in the comments."""
+
+    dt: float = 1e-3  # s, time step
+    threshold: float = 1.0  # theta, spike threshold (dimensionless potential)
+    v_reset: float = -1.0  # potential after a spike
+    refractory: float = 3e-3  # s, t_ref: no spike (v keeps integrating)
+    tau_L: float = 10e-3  # s, slow kernel time constant
+    tau_s: float = 3e-3  # s, fast kernel time constant
+    g_L: float = 100.0  # 1/s, leak conductance
+    g_D: float = 600.0  # 1/s, dendritic conductance
+    alpha: float = 4.0  # weight of the driving noise
+    noise_rate: float = 200.0  # Hz, Poisson rate of the driving noise
+    noise_fraction: float = 0.2  # share of the driven layer that receives noise at a time
+    noise_period: float = 0.1  # s, the noise-driven subset is redrawn this often
+    weight_gain: float = 0.2  # W_hat = weight_gain * n_in * W / std(W)
+    window_length: float = 30e-3  # s, length of an RDD window
+    window_open_band: float = 0.1  # a window opens when |theta - u| <= this
+
+    @property
+    def kernel_norm(self) -> float:
+        """(tau_L - tau_s) / dt: the kernel's normalisation."""
+        return (self.tau_L - self.tau_s) / self.dt
+
+    def kernel(self, n_steps: int) -> np.ndarray:
+        """kappa(n) for n = 1..n_steps (the discrete kernel of METHOD 2)."""
+        n = np.arange(1, n_steps + 1)
+        return (np.exp(-n * self.dt / self.tau_L) - np.exp(-n * self.dt / self.tau_s)) / (
+            self.kernel_norm
+        )
+
+
+#: The neuron model, one Brian2 equation string with units (see the module docstring).
+NEURON_EQUATIONS = """
+dv/dt = -g_L*v + g_D*(drive - v) : 1
+du/dt = -g_L*u + g_D*(drive - u) : 1
+drive = (trace_L - trace_s) / kernel_norm : 1
+dtrace_L/dt = -trace_L/tau_L : 1
+dtrace_s/dt = -trace_s/tau_s : 1
+incoming : 1
+in_window : boolean
+window_start : second
+u_max : 1
+window_spikes : integer
+driven : boolean (shared)
+t_offset : second (shared)
+seed : integer (shared)
+layer_id : integer (shared, constant)
+"""
+
+#: Spike: reset the potential (u is left alone) and count the spike if a window is open.
+SPIKE_RESET = "v = v_reset\nwindow_spikes += int(in_window)"
+
+#: Input of this step (synaptic spikes and, in the driven layer, noise spikes) enters both kernel
+#: traces at once; synapses write one variable so each synaptic event costs one addition.
+NOISE_CODE = """
+step = int((t + t_offset) / dt + 0.5)
+subset = int((t + t_offset) / noise_period + 0.5*dt/noise_period)
+noise = int(driven and hash_uniform(seed, layer_id * 2 + 0, i, subset) < noise_fraction \
+and hash_uniform(seed, layer_id * 2 + 1, i, step) < noise_rate * dt)
+incoming += alpha * noise
+trace_L += incoming
+trace_s += incoming
+incoming = 0
+"""
+
+#: RDD window bookkeeping, run after spikes and resets, in this order.
+WINDOW_TRACK = "u_max = clip(u, u_max, inf)"
+WINDOW_CLOSE_CONDITION = "in_window and t + t_offset >= window_start + window_length - 0.5*dt"
+WINDOW_CLOSE = "in_window = False"
+WINDOW_FOLLOW = "u = v * (1 - int(in_window)) + u * int(in_window)"
+WINDOW_OPEN_CONDITION = "driven and not in_window and abs(threshold - u) <= window_open_band"
+WINDOW_OPEN = "in_window = True\nwindow_start = t + t_offset\nu_max = u\nwindow_spikes = 0"
+
+#: State carried from one segment of a phase to the next.
+STATE_VARIABLES = (
+    "v",
+    "u",
+    "trace_L",
+    "trace_s",
+    "in_window",
+    "window_start",
+    "u_max",
+    "window_spikes",
+    "lastspike",
+    "not_refractory",
+)
+
+_HASH_CPP = """
+static inline double hash_uniform(int64_t seed, int64_t stream, int64_t neuron, int64_t counter)
+{
+    // splitmix64 over the key (seed, stream, neuron, counter): a counter-based generator
+    uint64_t z = (uint64_t)seed * 0x9E3779B97F4A7C15ULL;
+    z ^= (uint64_t)stream * 0xD1B54A32D192ED03ULL;
+    z ^= (uint64_t)neuron * 0xAEF17502108EF2D9ULL;
+    z ^= (uint64_t)counter * 0xF1357AEA2E62A9C5ULL;
+    z += 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z = z ^ (z >> 31);
+    return (z >> 11) * (1.0 / 9007199254740992.0);
+}
+"""
+
+
+def hash_uniform(seed, stream, neuron, counter) -> np.ndarray:
+    """NumPy twin of the C++ generator (same numbers), for the runtime device and for tests."""
+    with np.errstate(over="ignore"):
+        u64 = np.uint64
+        z = np.asarray(seed).astype(np.int64).astype(u64) * u64(0x9E3779B97F4A7C15)
+        z ^= np.asarray(stream).astype(np.int64).astype(u64) * u64(0xD1B54A32D192ED03)
+        z ^= np.asarray(neuron).astype(np.int64).astype(u64) * u64(0xAEF17502108EF2D9)
+        z ^= np.asarray(counter).astype(np.int64).astype(u64) * u64(0xF1357AEA2E62A9C5)
+        z += u64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> u64(30))) * u64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> u64(27))) * u64(0x94D049BB133111EB)
+        z = z ^ (z >> u64(31))
+        return (z >> u64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+
+
+def scaled_weights(weight: np.ndarray, params: LIFParams) -> np.ndarray:
+    """W_hat = weight_gain * n_in * W / std(W): the synaptic weights of the spiking network."""
+    weight = np.asarray(weight, dtype=np.float64)
+    std = weight.std()
+    if std == 0:
+        return np.zeros_like(weight)
+    return params.weight_gain * weight.shape[1] * weight / std
+
+
+@dataclass
+class SegmentRecord:
+    """What one segment of simulation recorded. Times are absolute (seconds since phase start)."""
+
+    spike_times: list[np.ndarray]  # per layer
+    spike_indices: list[np.ndarray]  # per layer
+    window_neuron: np.ndarray  # windows of the driven layer
+    window_start: np.ndarray
+    window_end: np.ndarray
+    window_u_max: np.ndarray
+    window_spikes: np.ndarray
+
+
+def default_cache_dir() -> Path:
+    """Where compiled programs are kept: $SPIKEALIGN_CACHE or ~/.cache/spikealign."""
+    root = os.environ.get("SPIKEALIGN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spikealign"
+    )
+    return Path(root) / "brian2"
+
+
+class LIFProgram:
+    """The compiled Brian2 program for one network shape and segment length.
+
+    Building takes a minute or two the first time; the build is cached under ``cache_dir`` keyed by
+    the shape, the parameters and the segment length, and later instances (in this or another
+    process) reuse it after a few seconds of code generation. Only one program is active per
+    process (Brian2's standalone device is global); building another shape replaces it.
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        segment_duration: float,
+        params: LIFParams | None = None,
+        cache_dir: str | Path | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.sizes = [int(n) for n in sizes]
+        # OpenMP threads of the compiled program (part of the build)
+        self.threads = int(threads or min(os.cpu_count() or 1, 8))
+        self.params = params or LIFParams()
+        steps = round(segment_duration / self.params.dt)
+        if steps < 1:
+            raise ValueError("segment_duration must be at least one time step")
+        self.segment_steps = steps
+        self.segment_duration = steps * self.params.dt
+        key = json.dumps(
+            {
+                "sizes": self.sizes,
+                "steps": steps,
+                "params": asdict(self.params),
+                "version": PROGRAM_VERSION,
+                "threads": self.threads,
+            },
+            sort_keys=True,
+        )
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        shape = "-".join(map(str, self.sizes))
+        self.directory = Path(cache_dir or default_cache_dir()) / f"lif_{shape}_{digest}"
+        start = time.perf_counter()
+        self._build()
+        self.build_s = time.perf_counter() - start
+
+    # -- construction -------------------------------------------------------------------------
+    def _build(self) -> None:
+        import brian2 as b2
+        from brian2.devices import device_module
+
+        p = self.params
+        hash_fn = b2.Function(
+            hash_uniform,
+            arg_units=[1, 1, 1, 1],
+            return_unit=1,
+            arg_types=["integer", "integer", "integer", "integer"],
+            return_type="float",
+            stateless=True,
+        )
+        hash_fn.implementations.add_implementation("cpp", code=_HASH_CPP, name="hash_uniform")
+
+        device_module.reset_device("runtime")  # forget any earlier standalone project
+        b2.set_device("cpp_standalone", directory=None, build_on_run=False)
+        b2.device.reinit()
+        b2.device.activate(build_on_run=False)
+        b2.prefs.devices.cpp_standalone.openmp_threads = self.threads
+        b2.prefs.logging.console_log_level = "WARNING"
+        b2.defaultclock.dt = p.dt * b2.second
+
+        namespace = {
+            "g_L": p.g_L * b2.Hz,
+            "g_D": p.g_D * b2.Hz,
+            "tau_L": p.tau_L * b2.second,
+            "tau_s": p.tau_s * b2.second,
+            "kernel_norm": p.kernel_norm,
+            "threshold": p.threshold,
+            "v_reset": p.v_reset,
+            "alpha": p.alpha,
+            "noise_rate": p.noise_rate * b2.Hz,
+            "noise_fraction": p.noise_fraction,
+            "noise_period": p.noise_period * b2.second,
+            "window_length": p.window_length * b2.second,
+            "window_open_band": p.window_open_band,
+            "hash_uniform": hash_fn,
+            "inf": np.inf,
+        }
+        groups, spike_monitors, window_monitors, synapses = [], [], [], []
+        for index, size in enumerate(self.sizes):
+            group = b2.NeuronGroup(
+                size,
+                NEURON_EQUATIONS,
+                threshold="v >= threshold",
+                reset=SPIKE_RESET,
+                refractory=p.refractory * b2.second,
+                method="exact",
+                events={
+                    "window_close": WINDOW_CLOSE_CONDITION,
+                    "window_open": WINDOW_OPEN_CONDITION,
+                },
+                namespace=namespace,
+                name=f"layer{index}",
+            )
+            group.layer_id = index
+            group.v = 0
+            group.u = 0
+            group.run_regularly(NOISE_CODE, when="synapses", order=10, name=f"noise{index}")
+            # window bookkeeping after resets, in order: track u_max, close, follow v, open
+            group.run_regularly(WINDOW_TRACK, when="after_resets", order=0, name=f"track{index}")
+            group.set_event_schedule("window_close", when="after_resets", order=1)
+            window_monitors.append(
+                b2.EventMonitor(
+                    group,
+                    "window_close",
+                    variables=["window_start", "u_max", "window_spikes"],
+                    when="after_resets",
+                    order=2,
+                    name=f"windows{index}",
+                )
+            )
+            group.run_on_event("window_close", WINDOW_CLOSE, when="after_resets", order=3)
+            group.run_regularly(WINDOW_FOLLOW, when="after_resets", order=4, name=f"follow{index}")
+            group.set_event_schedule("window_open", when="after_resets", order=5)
+            group.run_on_event("window_open", WINDOW_OPEN, when="after_resets", order=6)
+            groups.append(group)
+            spike_monitors.append(b2.SpikeMonitor(group, name=f"spikes{index}"))
+        for index in range(1, len(self.sizes)):
+            syn = b2.Synapses(
+                groups[index - 1],
+                groups[index],
+                "w : 1",
+                on_pre="incoming_post += w",
+                name=f"fc{index}",
+            )
+            syn.connect()  # dense: every pre neuron to every post neuron
+            synapses.append(syn)
+        self._b2 = b2
+        self.groups, self.synapses = groups, synapses
+        self.spike_monitors, self.window_monitors = spike_monitors, window_monitors
+        self.network = b2.Network(groups, synapses, spike_monitors, window_monitors)
+        self.network.run(self.segment_duration * b2.second, namespace={})
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with _quiet():
+            b2.device.build(
+                directory=str(self.directory), compile=True, run=False, with_output=False
+            )
+        self._synapse_order = [self._dense_order(syn, index) for index, syn in enumerate(synapses)]
+
+    def _dense_order(self, syn, index: int):
+        """Synapses are created pre-major by connect(); the (post, pre) index of each synapse."""
+        n_pre, n_post = self.sizes[index], self.sizes[index + 1]
+        pre = np.repeat(np.arange(n_pre), n_post)
+        post = np.tile(np.arange(n_post), n_pre)
+        return pre, post
+
+    # -- running ------------------------------------------------------------------------------
+    def initial_state(self) -> list[dict[str, np.ndarray]]:
+        """All neurons at rest (v = u = 0), no window open, not refractory."""
+        return [
+            {
+                "v": np.zeros(n),
+                "u": np.zeros(n),
+                "trace_L": np.zeros(n),
+                "trace_s": np.zeros(n),
+                "in_window": np.zeros(n, dtype=bool),
+                "window_start": np.zeros(n),
+                "u_max": np.zeros(n),
+                "window_spikes": np.zeros(n, dtype=np.int32),
+                "lastspike": np.full(n, -1e4),
+                "not_refractory": np.ones(n, dtype=bool),
+            }
+            for n in self.sizes
+        ]
+
+    def run_segment(
+        self,
+        weights: list[np.ndarray],
+        state: list[dict[str, np.ndarray]],
+        driven_layer: int,
+        seed: int,
+        t_offset: float,
+    ) -> tuple[SegmentRecord, list[dict[str, np.ndarray]]]:
+        """Run one segment from ``state`` and return what it recorded and the final state.
+
+        ``weights`` are the spiking network's synaptic weights (already scaled, out x in, one per
+        fc layer); ``t_offset`` is the segment's start in seconds since the phase began.
+        """
+        b2 = self._b2
+        second = b2.second
+        run_args = {}
+        for index, syn in enumerate(self.synapses):
+            pre, post = self._synapse_order[index]
+            run_args[syn.w] = np.ascontiguousarray(weights[index][post, pre], dtype=np.float64)
+        for index, group in enumerate(self.groups):
+            layer_state = state[index]
+            for name in STATE_VARIABLES:
+                value = layer_state[name]
+                if name in ("window_start", "lastspike"):
+                    # Brian2's clock restarts at 0 every segment: lastspike is relative to it
+                    if name == "lastspike":
+                        value = value - t_offset
+                    value = np.asarray(value) * second
+                run_args[getattr(group, name)] = value
+            run_args[group.driven] = index == driven_layer
+            run_args[group.t_offset] = t_offset * second
+            run_args[group.seed] = int(seed)
+        with _quiet():
+            b2.device.run(run_args=run_args, with_output=False)
+        self._clean_static_arrays()
+
+        spike_times, spike_indices = [], []
+        for monitor in self.spike_monitors:
+            spike_times.append(np.asarray(monitor.t_[:]) + t_offset)
+            spike_indices.append(np.asarray(monitor.i[:], dtype=np.int32))
+        windows = self.window_monitors[driven_layer]
+        record = SegmentRecord(
+            spike_times=spike_times,
+            spike_indices=spike_indices,
+            window_neuron=np.asarray(windows.i[:], dtype=np.int32),
+            window_start=np.asarray(windows.window_start_[:]),
+            window_end=np.asarray(windows.t_[:]) + t_offset,
+            window_u_max=np.asarray(windows.u_max[:], dtype=np.float64),
+            window_spikes=np.asarray(windows.window_spikes[:], dtype=np.int32),
+        )
+        new_state = []
+        for group in self.groups:
+            layer_state = {}
+            for name in STATE_VARIABLES:
+                value = np.asarray(getattr(group, name + ("_" if _has_unit(name) else ""))[:])
+                if name == "lastspike":
+                    value = value + t_offset
+                layer_state[name] = value.copy()
+            new_state.append(layer_state)
+        return record, new_state
+
+    def _clean_static_arrays(self) -> None:
+        """run_args leave one file per distinct array: drop them so the cache does not grow."""
+        static = self.directory / "static_arrays"
+        if static.is_dir():
+            for path in static.glob("init_*.dat"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+def _has_unit(name: str) -> bool:
+    return name in ("window_start", "lastspike")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the compiler and binary output of Brian2's standalone device."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        yield
+
+
+def clear_cache(cache_dir: str | Path | None = None) -> None:
+    """Delete every cached build."""
+    shutil.rmtree(cache_dir or default_cache_dir(), ignore_errors=True)

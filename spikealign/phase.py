@@ -1,0 +1,454 @@
+"""One feedback-training phase: simulate the LIF network, estimate beta by RDD, set the feedback.
+
+Schedule (METHOD 3): the phase's ``duration`` is split evenly over the fully connected weight
+matrices; during the share of ``fc_l`` the layer below it (``l - 1``) is noise-driven and its
+neurons estimate their causal effect ``beta`` on layer ``l`` (:mod:`spikealign.rdd`). Layers above
+the driven one run feed-forward; layers below it are silent. Each share is simulated in segments
+of at most ``update_interval`` (10 s); after every segment the estimates are refreshed, the
+feedback of ``fc_l`` is updated, alignment is measured and the spike log is flushed.
+
+Feedback updates (METHOD 5), applied after every segment to ``Y`` (out x in, like ``W``):
+
+* ``rescale`` (reference): for the entries with ``beta != 0``,
+  ``Y = beta^T * std(Y_initial) / std(beta)``; entries never estimated keep their value.
+  ``std(Y_initial)`` is the standard deviation of the feedback the first phase started from.
+* ``gradient`` (this project's reading of the paper's omega, gamma, eta and lambda_WD; the exact
+  equation is not published): with ``beta_hat`` the estimate rescaled to the feedback's initial
+  standard deviation as above,
+  ``dY = eta * (omega * beta_hat - gamma * Y) - eta * weight_decay * Y``, whose fixed point is
+  ``omega / (gamma + weight_decay) * beta_hat``.
+
+The estimator state (LMS coefficients, OLS statistics, beta, ``std(Y_initial)``) is kept by
+:class:`FeedbackPhase` across phases and saved with :meth:`FeedbackPhase.state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spikealign.errors import UserError
+from spikealign.lif import LIFParams, LIFProgram, SegmentRecord, scaled_weights
+from spikealign.metrics import alignment
+from spikealign.rdd import ESTIMATORS, RDDParams, Windows, filtered_spikes, make_estimator
+
+UPDATES = ("rescale", "gradient")
+
+#: Spikes of the layer above are filtered from this long before a segment (kappa has decayed).
+_HISTORY_S = 0.2
+
+
+@dataclass
+class PhaseConfig:
+    """What one phase does. Durations in seconds of simulated time."""
+
+    duration: float = 90.0  # whole phase, split evenly over the fc layers
+    update_interval: float = 10.0  # at most this long between feedback updates
+    estimator: str = "lms"  # "lms" (reference) or "ols"
+    update: str = "rescale"  # "rescale" (reference) or "gradient"
+    seed: int = 0
+    eta: float = 0.5  # gradient rule: learning rate
+    omega: float = 1.0  # gradient rule: weight of beta
+    gamma: float = 1.0  # gradient rule: pull of Y towards zero
+    weight_decay: float = 0.0  # gradient rule: lambda_WD
+    lif: LIFParams = field(default_factory=LIFParams)
+    rdd: RDDParams = field(default_factory=RDDParams)
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.duration) and self.duration > 0):
+            raise UserError(
+                f"phase duration must be a positive number of seconds, got {self.duration}"
+            )
+        if not (math.isfinite(self.update_interval) and self.update_interval > 0):
+            raise UserError(f"update interval must be positive, got {self.update_interval}")
+        if self.estimator not in ESTIMATORS:
+            raise UserError(
+                f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}"
+            )
+        if self.update not in UPDATES:
+            raise UserError(
+                f"unknown feedback update {self.update!r}; choose one of {', '.join(UPDATES)}"
+            )
+
+
+@dataclass
+class PhaseResult:
+    """What a phase produced. Matrices are out x in, like torch Linear weights, one per fc layer."""
+
+    feedbacks: list[np.ndarray]
+    beta: list[np.ndarray]
+    alignment: list[dict]  # {"time", "layer", "angle_deg", "sign_agreement", "norm_ratio"}
+    log_path: str | None
+    wall_s: float  # simulation, estimation and updates (no build)
+    build_s: float  # building or loading the compiled program (0 when already loaded)
+    simulated_s: float
+    windows: list[int]  # RDD windows recorded per fc layer
+
+    def final_alignment(self) -> list[dict]:
+        """The last alignment record of every fc layer, in order fc1, fc2, ..."""
+        last = {}
+        for record in self.alignment:
+            last[record["layer"]] = record
+        return [last[name] for name in sorted(last, key=lambda name: int(name[2:]))]
+
+
+class FeedbackPhase:
+    """Runs feedback-training phases for one chain of layer sizes (e.g. [1600, 384, 192, 10])."""
+
+    def __init__(
+        self,
+        sizes: list[int],
+        config: PhaseConfig | None = None,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        sizes = [int(n) for n in sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise UserError(f"layer sizes must be at least two positive numbers, got {sizes}")
+        self.sizes = sizes
+        self.config = config or PhaseConfig()
+        self.config.validate()
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self.fc_names = [f"fc{index}" for index in range(1, len(sizes))]
+        self._program: LIFProgram | None = None
+        self._estimators = [
+            make_estimator(self.config.estimator, sizes[l - 1], sizes[l], self.config.rdd)
+            for l in range(1, len(sizes))
+        ]
+        self._feedback_std = np.full(len(self.fc_names), np.nan)
+
+    # -- schedule -----------------------------------------------------------------------------
+    def schedule(self) -> list[tuple[int, float, float]]:
+        """(driven layer, start, end) of every segment, in seconds since the phase began."""
+        share = self.config.duration / len(self.fc_names)
+        n_segments = max(1, math.ceil(share / self.config.update_interval - 1e-9))
+        dt = self.config.lif.dt
+        steps = round(share / n_segments / dt)
+        if steps < round(self.config.lif.window_length / dt) + 1:
+            raise UserError(
+                f"phase duration {self.config.duration} s is too short: each of the "
+                f"{len(self.fc_names)} fc layers needs more than one RDD window "
+                f"({self.config.lif.window_length * 1e3:.0f} ms)"
+            )
+        segment = steps * dt
+        plan = []
+        for fc in range(len(self.fc_names)):
+            for s in range(n_segments):
+                start = (fc * n_segments + s) * segment
+                plan.append((fc, start, start + segment))
+        return plan
+
+    def program(self) -> LIFProgram:
+        """The compiled program for this shape (built or loaded from the cache on first use)."""
+        _, start, end = self.schedule()[0]
+        if self._program is None or abs(self._program.segment_duration - (end - start)) > 1e-9:
+            self._program = LIFProgram(self.sizes, end - start, self.config.lif, self.cache_dir)
+            self._program_fresh = True
+        return self._program
+
+    # -- the phase ----------------------------------------------------------------------------
+    def run(
+        self,
+        weights: list[np.ndarray],
+        feedbacks: list[np.ndarray] | None = None,
+        log_path: str | Path | None = None,
+    ) -> PhaseResult:
+        """Simulate one phase from forward ``weights`` and return the new feedback weights."""
+        weights = self._check_matrices(weights, "weight")
+        if feedbacks is None:
+            rng = np.random.default_rng(self.config.seed)
+            feedbacks = [
+                rng.uniform(-1, 1, w.shape) / math.sqrt(w.shape[1]) for w in weights
+            ]  # Kaiming-uniform bound of torch.nn.Linear
+        feedbacks = [f.copy() for f in self._check_matrices(feedbacks, "feedback")]
+        for index, feedback in enumerate(feedbacks):
+            if np.isnan(self._feedback_std[index]):
+                self._feedback_std[index] = feedback.std()
+        initial_feedbacks = [f.copy() for f in feedbacks]
+
+        plan = self.schedule()
+        self._program_fresh = False
+        build_start = time.perf_counter()
+        program = self.program()
+        build_s = time.perf_counter() - build_start if self._program_fresh else 0.0
+
+        p = self.config.lif
+        scaled = [scaled_weights(w, p) for w in weights]
+        state = program.initial_state()
+        history: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        records: list[dict] = []
+        window_counts = [0] * len(self.fc_names)
+        for fc, feedback in enumerate(feedbacks):
+            records.append(self._alignment_record(0.0, fc, weights[fc], feedback))
+
+        writer = self._open_log(log_path, weights, initial_feedbacks, plan, records)
+        bar = self._progress_bar(plan[-1][2])
+        wall_start = time.perf_counter()
+        try:
+            for driven, start, end in plan:
+                record, state = program.run_segment(scaled, state, driven, self.config.seed, start)
+                windows = Windows(
+                    record.window_neuron,
+                    record.window_start,
+                    record.window_end,
+                    record.window_u_max,
+                    record.window_spikes,
+                )
+                window_counts[driven] += len(windows)
+                self._estimate(driven, windows, record, history, start, end)
+                beta = self._estimators[driven].beta()
+                feedbacks[driven] = self._update(driven, feedbacks[driven], beta)
+                records.append(
+                    self._alignment_record(end, driven, weights[driven], feedbacks[driven])
+                )
+                if writer is not None:
+                    self._log_segment(writer, record, windows, driven, start, end, records[-1])
+                if bar is not None:
+                    bar.update(end - start)
+            betas = [estimator.beta().T.copy() for estimator in self._estimators]
+            if writer is not None:
+                for fc, name in enumerate(self.fc_names):
+                    writer.write_weights(name, Y_after=feedbacks[fc], beta=betas[fc])
+                writer.close()
+        except BaseException:
+            if writer is not None:
+                writer.abandon()  # the .partial log keeps everything flushed so far
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        wall_s = time.perf_counter() - wall_start
+        return PhaseResult(
+            feedbacks=feedbacks,
+            beta=betas,
+            alignment=records,
+            log_path=str(log_path) if log_path is not None else None,
+            wall_s=wall_s,
+            build_s=build_s,
+            simulated_s=plan[-1][2],
+            windows=window_counts,
+        )
+
+    def _estimate(self, driven, windows, record: SegmentRecord, history, start, end) -> None:
+        """Give the windows and the filtered spikes of the layer above to the estimator."""
+        p = self.config.lif
+        above = driven + 1
+        times, indices = record.spike_times[above], record.spike_indices[above]
+        if above in history:  # spikes from the end of the previous segment matter to early windows
+            times = np.concatenate([history[above][0], times])
+            indices = np.concatenate([history[above][1], indices])
+        keep = times >= end - _HISTORY_S
+        history[above] = (times[keep], indices[keep])
+        if len(windows) == 0:
+            return
+        first_time = min(start, float(windows.start.min())) - _HISTORY_S
+        first_step = math.floor(first_time / p.dt)
+        n_steps = round(end / p.dt) - first_step + 1
+        q = filtered_spikes(
+            times, indices, self.sizes[above], first_step, n_steps, p.dt, p.tau_L, p.tau_s
+        )
+        self._estimators[driven].add(windows, q, first_step, p.dt)
+
+    def _update(self, fc: int, feedback: np.ndarray, beta: np.ndarray) -> np.ndarray:
+        """Apply the feedback update rule with the current beta (n_in x n_out) to Y (out x in)."""
+        beta = beta.T
+        mask = beta != 0
+        if not mask.any():
+            return feedback
+        beta_std = beta[mask].std()
+        if beta_std == 0:
+            return feedback
+        beta_hat = beta * (self._feedback_std[fc] / beta_std)
+        if self.config.update == "rescale":
+            return np.where(mask, beta_hat, feedback)
+        c = self.config
+        step = c.eta * (c.omega * beta_hat - c.gamma * feedback) - c.eta * c.weight_decay * feedback
+        return np.where(mask, feedback + step, feedback)
+
+    def _alignment_record(self, t, fc, weight, feedback) -> dict:
+        return {"time": float(t), "layer": self.fc_names[fc], **alignment(weight, feedback)}
+
+    # -- validation, logging, progress ----------------------------------------------------------
+    def _check_matrices(self, matrices, what: str) -> list[np.ndarray]:
+        matrices = list(matrices)
+        if len(matrices) != len(self.fc_names):
+            raise UserError(
+                f"expected {len(self.fc_names)} {what} matrices for layer sizes {self.sizes}, "
+                f"got {len(matrices)}"
+            )
+        checked = []
+        for index, matrix in enumerate(matrices):
+            matrix = np.asarray(matrix, dtype=np.float64)
+            expected = (self.sizes[index + 1], self.sizes[index])
+            name = self.fc_names[index]
+            if matrix.shape != expected:
+                raise UserError(
+                    f"{what} of {name} has shape {matrix.shape}, expected {expected} "
+                    f"(out x in) for layer sizes {self.sizes}"
+                )
+            if not np.isfinite(matrix).all():
+                raise UserError(f"{what} of {name} contains NaN or infinite values")
+            checked.append(matrix)
+        return checked
+
+    def _open_log(self, log_path, weights, feedbacks, plan, records):
+        if log_path is None:
+            return None
+        from spikealign.spikelog import SpikeLogWriter
+
+        params = {
+            "config": {k: v for k, v in asdict(self.config).items()},
+            "sizes": self.sizes,
+            "schedule": plan,
+        }
+        writer = SpikeLogWriter(
+            log_path, self.sizes, self.config.lif.dt, params=params, seed=self.config.seed
+        )
+        for fc, name in enumerate(self.fc_names):
+            writer.write_weights(name, W=weights[fc], Y_before=feedbacks[fc])
+        for record in records:  # alignment before the phase
+            writer.append_alignment(
+                0.0,
+                self.fc_names.index(record["layer"]),
+                record["angle_deg"],
+                record["sign_agreement"],
+                record["norm_ratio"],
+            )
+        writer.flush(0.0)
+        return writer
+
+    def _log_segment(self, writer, record, windows, driven, start, end, alignment_record) -> None:
+        for layer, (times, indices) in enumerate(
+            zip(record.spike_times, record.spike_indices, strict=True)
+        ):
+            writer.append_spikes(layer, times, indices)
+        writer.append_windows(
+            driven, windows.neuron, windows.start, windows.end, windows.u_max, windows.spikes > 0
+        )
+        writer.append_schedule(driven, start, end)
+        writer.append_alignment(
+            end,
+            driven,
+            alignment_record["angle_deg"],
+            alignment_record["sign_agreement"],
+            alignment_record["norm_ratio"],
+        )
+        writer.flush(end)
+
+    def _progress_bar(self, total: float):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=total, unit="s", desc="feedback phase (simulated s)", bar_format=None, leave=False
+        )
+
+    # -- state across phases ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Estimator state and initial feedback std: numpy arrays only (safe to checkpoint)."""
+        state = {"feedback_std": self._feedback_std.copy()}
+        for fc, estimator in enumerate(self._estimators):
+            for key, value in estimator.state_dict().items():
+                state[f"{self.fc_names[fc]}.{key}"] = np.array(value)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._feedback_std = np.array(state["feedback_std"], dtype=np.float64)
+        for fc, estimator in enumerate(self._estimators):
+            prefix = f"{self.fc_names[fc]}."
+            estimator.load_state_dict(
+                {k[len(prefix) :]: np.asarray(v) for k, v in state.items() if k.startswith(prefix)}
+            )
+
+
+# -- weights in and out ---------------------------------------------------------------------------
+def kaiming_uniform(sizes: list[int], rng: np.random.Generator) -> list[np.ndarray]:
+    """Random (out x in) matrices with torch.nn.Linear's default bound 1/sqrt(n_in)."""
+    return [
+        rng.uniform(-1.0, 1.0, (sizes[l], sizes[l - 1])) / math.sqrt(sizes[l - 1])
+        for l in range(1, len(sizes))
+    ]
+
+
+def _numbered(arrays: dict, prefix: str) -> list[np.ndarray]:
+    numbers = sorted(
+        int(k[len(prefix) :]) for k in arrays if k.startswith(prefix) and k[len(prefix) :].isdigit()
+    )
+    if numbers and numbers != list(range(1, len(numbers) + 1)):
+        raise UserError(f"{prefix} arrays must be numbered 1..n without gaps, found {numbers}")
+    return [np.asarray(arrays[f"{prefix}{n}"]) for n in numbers]
+
+
+def sizes_of(weights: list[np.ndarray], source: str) -> list[int]:
+    """Layer sizes of a chain of (out x in) matrices; a one-line error if they do not chain."""
+    for index, weight in enumerate(weights):
+        if weight.ndim != 2:
+            raise UserError(f"{source}: W{index + 1} must be a matrix, got shape {weight.shape}")
+    for index in range(1, len(weights)):
+        if weights[index].shape[1] != weights[index - 1].shape[0]:
+            raise UserError(
+                f"{source}: shapes do not chain: W{index} is {weights[index - 1].shape} but "
+                f"W{index + 1} is {weights[index].shape} (out x in: W{index + 1} needs "
+                f"{weights[index - 1].shape[0]} inputs)"
+            )
+    return [int(weights[0].shape[1])] + [int(w.shape[0]) for w in weights]
+
+
+def load_weights_npz(path: str | Path) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Read W1..Wn (and optional Y1..Yn) from an .npz file: (weights, feedbacks or None)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except Exception as err:  # zipfile, pickle or format errors: all mean "not a weights file"
+        raise UserError(f"{path}: cannot read as .npz ({type(err).__name__}: {err})") from None
+    weights = _numbered(arrays, "W")
+    if not weights:
+        raise UserError(f"{path}: no arrays W1..Wn (out x in, like torch Linear weights)")
+    feedbacks = _numbered(arrays, "Y") or None
+    if feedbacks is not None and len(feedbacks) != len(weights):
+        raise UserError(f"{path}: has {len(weights)} W arrays but {len(feedbacks)} Y arrays")
+    return weights, feedbacks
+
+
+def load_checkpoint_weights(path: str | Path) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """fc1..fcn weights and feedbacks of a training checkpoint (``python -m training.run``)."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except Exception as err:
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a training checkpoint (no model state)")
+    arrays = {}
+    for key, value in state.items():
+        name, _, field_name = key.rpartition(".")
+        if name.startswith("fc") and name[2:].isdigit() and field_name in ("weight", "feedback"):
+            arrays[("W" if field_name == "weight" else "Y") + name[2:]] = value.float().numpy()
+    weights = _numbered(arrays, "W")
+    if not weights:
+        raise UserError(f"{path}: no fully connected layers fc1..fcn in the checkpoint")
+    return weights, _numbered(arrays, "Y") or None
+
+
+def save_weights_npz(path: str | Path, weights: list[np.ndarray], feedbacks: list[np.ndarray]):
+    """Write W1..Wn and Y1..Yn atomically (temporary file, then rename)."""
+    path = Path(path)
+    arrays = {f"W{n}": w for n, w in enumerate(weights, 1)}
+    arrays.update({f"Y{n}": y for n, y in enumerate(feedbacks, 1)})
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, path)

@@ -1,0 +1,170 @@
+"""The feedback-training phase end to end on a small network, and python -m sims.rdd_phase."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sims import rdd_phase
+from spikealign.metrics import alignment
+from spikealign.phase import FeedbackPhase, PhaseConfig, kaiming_uniform
+from spikealign.spikelog import open_log
+
+SIZES = [40, 20, 10]
+DURATION = 20.0  # 10 s per fc layer: one segment each (one cached build for the whole file)
+
+
+def weights_and_feedbacks(seed=0):
+    rng = np.random.default_rng(seed)
+    return kaiming_uniform(SIZES, rng), kaiming_uniform(SIZES, rng)
+
+
+@pytest.fixture(scope="module")
+def lms_run(tmp_path_factory):
+    weights, feedbacks = weights_and_feedbacks()
+    phase = FeedbackPhase(SIZES, PhaseConfig(duration=DURATION, seed=3), progress=False)
+    log = tmp_path_factory.mktemp("phase") / "phase.h5"
+    result = phase.run(weights, feedbacks, log_path=log)
+    return phase, weights, feedbacks, result, log
+
+
+def test_beta_is_proportional_to_forward_weights(lms_run):
+    _, weights, feedbacks, result, _ = lms_run
+    for fc in range(2):
+        before = alignment(weights[fc], feedbacks[fc])
+        after = alignment(weights[fc], result.feedbacks[fc])
+        beta_alignment = alignment(weights[fc], result.beta[fc])
+        assert 80 < before["angle_deg"] < 100  # random feedback: about orthogonal
+        assert after["angle_deg"] < 75 and after["sign_agreement"] > 60
+        assert beta_alignment["angle_deg"] == pytest.approx(after["angle_deg"], abs=1e-6)
+    assert result.windows[0] > 100 and result.windows[1] > 50
+
+
+def test_ols_estimator_aligns_too():
+    weights, feedbacks = weights_and_feedbacks()
+    phase = FeedbackPhase(
+        SIZES, PhaseConfig(duration=DURATION, seed=3, estimator="ols"), progress=False
+    )
+    result = phase.run(weights, feedbacks)
+    fc1 = alignment(weights[0], result.feedbacks[0])
+    assert fc1["angle_deg"] < 70 and fc1["sign_agreement"] > 65
+
+
+def test_rescale_keeps_initial_feedback_scale_and_reproduces(lms_run):
+    phase, weights, feedbacks, result, _ = lms_run
+    for fc in range(2):
+        assert result.feedbacks[fc].std() == pytest.approx(feedbacks[fc].std(), rel=0.05)
+    # same seed and state: identical numbers (counter-based noise, no hidden randomness)
+    again = FeedbackPhase(SIZES, PhaseConfig(duration=DURATION, seed=3), progress=False)
+    repeat = again.run(weights, feedbacks)
+    assert all(np.array_equal(a, b) for a, b in zip(result.beta, repeat.beta, strict=True))
+    other = FeedbackPhase(SIZES, PhaseConfig(duration=DURATION, seed=4), progress=False)
+    assert not np.array_equal(other.run(weights, feedbacks).beta[0], result.beta[0])
+
+
+def test_state_is_carried_across_phases(lms_run):
+    phase, weights, feedbacks, result, _ = lms_run
+    restored = FeedbackPhase(SIZES, PhaseConfig(duration=DURATION, seed=3), progress=False)
+    restored.load_state_dict(phase.state_dict())
+    assert np.array_equal(restored._estimators[0].beta(), result.beta[0].T)
+
+
+def test_gradient_update_moves_part_way_towards_rescaled_beta():
+    weights, feedbacks = weights_and_feedbacks()
+    config = PhaseConfig(duration=DURATION, seed=3, update="gradient", eta=0.5, omega=1, gamma=1)
+    result = FeedbackPhase(SIZES, config, progress=False).run(weights, feedbacks)
+    beta = result.beta[0]
+    mask = beta != 0
+    beta_hat = beta * feedbacks[0].std() / beta[mask].std()
+    # one update in the fc1 share (one segment): Y = Y0 + 0.5 (beta_hat - Y0)
+    expected = np.where(mask, feedbacks[0] + 0.5 * (beta_hat - feedbacks[0]), feedbacks[0])
+    assert np.allclose(result.feedbacks[0], expected)
+
+
+def test_log_round_trip(lms_run):
+    _, weights, feedbacks, result, log = lms_run
+    with open_log(log) as spikes:
+        assert spikes.complete and list(spikes.sizes) == SIZES
+        assert spikes.simulated_until == pytest.approx(DURATION)
+        stored = spikes.weights("fc1")
+        assert np.allclose(stored["W"], weights[0], atol=1e-6)
+        assert np.allclose(stored["Y_before"], feedbacks[0], atol=1e-6)
+        assert np.allclose(stored["Y_after"], result.feedbacks[0], atol=1e-6)
+        windows = spikes.windows(0)
+        assert len(windows["neuron"]) == result.windows[0]
+        times, _ = spikes.spikes(0)
+        assert times.max() < DURATION / 2 + 0.05  # driven in the fc1 share; traces then decay
+        assert len(spikes.alignment()["time"]) == 2 + 2  # before, and after each segment
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"weights": [np.zeros((20, 40)), np.zeros((10, 21))]}, "fc2 has shape"),
+        ({"feedbacks": [np.full((20, 40), np.nan), np.zeros((10, 20))]}, "NaN"),
+        ({"weights": [np.zeros((20, 40))]}, "expected 2 weight matrices"),
+    ],
+)
+def test_bad_weights_give_clear_errors(bad, message):
+    from spikealign.errors import UserError
+
+    weights, feedbacks = weights_and_feedbacks()
+    args = {"weights": weights, "feedbacks": feedbacks} | bad
+    with pytest.raises(UserError, match=message):
+        FeedbackPhase(SIZES, PhaseConfig(duration=DURATION), progress=False).run(**args)
+
+
+def test_cli_runs_a_phase_end_to_end(tmp_path, capsys):
+    weights, feedbacks = weights_and_feedbacks(1)
+    source = tmp_path / "w.npz"
+    np.savez(source, W1=weights[0], W2=weights[1], Y1=feedbacks[0], Y2=feedbacks[1])
+    summary_path, out, log = tmp_path / "s.json", tmp_path / "out.npz", tmp_path / "log.h5"
+    rdd_phase.main(
+        [
+            "--weights", str(source), "--duration", str(DURATION), "--log", str(log),
+            "--summary-json", str(summary_path), "--out-weights", str(out), "--no-progress",
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "fc1" in printed and "sign agreement" in printed
+    summary = json.loads(summary_path.read_text())
+    assert summary["simulated_s"] == pytest.approx(DURATION)
+    assert [layer["name"] for layer in summary["layers"]] == ["fc1", "fc2"]
+    assert set(summary) == {"simulated_s", "wall_s", "build_s", "layers"}
+    with np.load(out) as arrays:
+        assert np.array_equal(arrays["W1"], weights[0])
+        after = alignment(weights[0], arrays["Y1"])
+    assert after["sign_agreement"] == pytest.approx(summary["layers"][0]["sign_agreement"])
+    assert log.exists() and not (tmp_path / "log.h5.partial").exists()
+
+
+def _cli_error(tmp_path, *args):
+    process = subprocess.run(
+        [sys.executable, "-m", "sims.rdd_phase", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path.parent if False else None,
+    )
+    assert process.returncode == 2, process.stderr
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in process.stderr
+    return lines[0]
+
+
+def test_cli_bad_inputs(tmp_path):
+    chain = tmp_path / "chain.npz"
+    np.savez(chain, W1=np.ones((20, 40)), W2=np.ones((10, 21)))
+    assert "do not chain" in _cli_error(tmp_path, "--weights", str(chain))
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, W1=np.full((20, 40), np.nan), W2=np.ones((10, 20)))
+    assert "NaN" in _cli_error(tmp_path, "--weights", str(nan))
+    assert "positive" in _cli_error(tmp_path, "--duration", "0")
+    text = tmp_path / "text.npz"
+    text.write_text("not an archive")
+    assert "cannot read" in _cli_error(tmp_path, "--weights", str(text))
+    assert "no such file" in _cli_error(tmp_path, "--weights", str(tmp_path / "missing.npz"))
+    assert "checkpoint" in _cli_error(tmp_path, "--checkpoint", str(text))
+    assert "--sizes" in _cli_error(tmp_path, "--sizes", "40,x")
+    assert "not writable" in _cli_error(tmp_path, "--log", str(tmp_path / "no" / "dir.h5"))
