@@ -44,6 +44,7 @@ disk; each segment of a phase reruns the compiled binary with new weights, state
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -214,10 +215,46 @@ class LIFProgram:
     """The compiled Brian2 program for one network shape and segment length.
 
     Building takes a minute or two the first time; the build is cached under ``cache_dir`` keyed by
-    the shape, the parameters and the segment length, and later instances (in this or another
-    process) reuse it after a few seconds of code generation. Only one program is active per
-    process (Brian2's standalone device is global); building another shape replaces it.
+    the shape, the parameters and the segment length, and later processes reuse it after a few
+    seconds of code generation. Brian2's standalone device is global, so one program is active per
+    process: get it with :meth:`load`, which returns the active one when it matches and otherwise
+    replaces it (the old program's Brian2 objects are released first, so generated names, and with
+    them the cached build, stay the same).
     """
+
+    _active: LIFProgram | None = None
+
+    @classmethod
+    def load(
+        cls,
+        sizes: list[int],
+        segment_duration: float,
+        params: LIFParams | None = None,
+        cache_dir: str | Path | None = None,
+        threads: int | None = None,
+    ) -> LIFProgram:
+        """The program for this shape: the active one if it matches, else built or loaded."""
+        active = cls._active
+        params = params or LIFParams()
+        if (
+            active is not None
+            and active.sizes == [int(n) for n in sizes]
+            and active.segment_steps == round(segment_duration / params.dt)
+            and active.params == params
+            and active.threads == _threads(threads)
+            and active.directory.parent == Path(cache_dir or default_cache_dir())
+        ):
+            return active
+        cls._active = None
+        if active is not None:
+            active._release()
+        cls._active = cls(sizes, segment_duration, params, cache_dir, threads)
+        return cls._active
+
+    def _release(self) -> None:
+        for name in ("groups", "synapses", "spike_monitors", "window_monitors", "network"):
+            setattr(self, name, None)
+        gc.collect()
 
     def __init__(
         self,
@@ -228,8 +265,7 @@ class LIFProgram:
         threads: int | None = None,
     ) -> None:
         self.sizes = [int(n) for n in sizes]
-        # OpenMP threads of the compiled program (part of the build)
-        self.threads = int(threads or min(os.cpu_count() or 1, 8))
+        self.threads = _threads(threads)
         self.params = params or LIFParams()
         steps = round(segment_duration / self.params.dt)
         if steps < 1:
@@ -449,6 +485,18 @@ class LIFProgram:
             for path in static.glob("init_*.dat"):
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+
+def _threads(threads: int | None) -> int:
+    """OpenMP threads of the compiled program (part of the build); 0 means no OpenMP.
+
+    The default is one thread (``$SPIKEALIGN_THREADS`` overrides it): every time step ends in a
+    barrier, and on a machine whose cores are shared an OpenMP team spends more time waiting for
+    its threads than it saves (benchmarks/rdd_phase.py measures both).
+    """
+    if threads is None:
+        threads = int(os.environ.get("SPIKEALIGN_THREADS", "0"))
+    return int(threads)
 
 
 def _has_unit(name: str) -> bool:

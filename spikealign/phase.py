@@ -70,6 +70,8 @@ class PhaseConfig:
             raise UserError(
                 f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}"
             )
+        if not 0 <= self.seed < 2**31:  # Brian2 holds it in a 32-bit integer
+            raise UserError(f"seed must be in [0, 2**31), got {self.seed}")
         if self.update not in UPDATES:
             raise UserError(
                 f"unknown feedback update {self.update!r}; choose one of {', '.join(UPDATES)}"
@@ -148,7 +150,9 @@ class FeedbackPhase:
         """The compiled program for this shape (built or loaded from the cache on first use)."""
         _, start, end = self.schedule()[0]
         if self._program is None or abs(self._program.segment_duration - (end - start)) > 1e-9:
-            self._program = LIFProgram(self.sizes, end - start, self.config.lif, self.cache_dir)
+            self._program = LIFProgram.load(
+                self.sizes, end - start, self.config.lif, self.cache_dir
+            )
             self._program_fresh = True
         return self._program
 

@@ -1,0 +1,177 @@
+"""Train the paper's network with one learning rule: ``python -m training.run --help``.
+
+A thin command line over :func:`spikealign.trainer.train`; flags map one to one onto the fields of
+:class:`spikealign.trainer.TrainConfig` (see docs/training.md). Example::
+
+    python -m training.run --dataset digits --rule rdd --epochs 10 --out runs/digits-rdd
+
+With ``--resume`` the run's settings come from ``OUT/checkpoint.pt``; flags given on the command
+line may only change how the run executes (--epochs, --device, --workers, --data-dir,
+--download); any other flag that differs from the stored run is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from spikealign import feedback, trainer
+from spikealign.data import DATASETS
+from spikealign.errors import UserError, exit_on_user_error
+
+DEFAULTS = trainer.TrainConfig(dataset="", rule="")
+WEIGHT_MIRROR = feedback.make_rule("wm")  # for its default hyperparameters
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like the library's UserError."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message}; see {self.prog} --help\n")
+        raise SystemExit(2)
+
+
+def _default(name: str) -> str:
+    return f" (default {getattr(DEFAULTS, name)})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Every config flag defaults to None, meaning "not given": a new run takes TrainConfig's
+    # default, a resumed run the checkpoint's value.
+    parser = OneLineParser(
+        prog="python -m training.run",
+        description="Train the paper's convnet with a learning rule (bp, fa, ..., rdd).",
+    )
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
+    what.add_argument("--rule", help=f"one of {', '.join(trainer.TRAIN_RULES)}")
+    what.add_argument("--data-dir", help="dataset directory" + _default("data_dir"))
+    what.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="fetch a missing dataset into --data-dir",
+    )
+    what.add_argument("--image-size", type=int, help="resize images to this size (default native)")
+    what.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        default=None,
+        help="no random crop / flip of the training images",
+    )
+    what.add_argument(
+        "--limit-train", type=int, help="train on a fixed random subset of N examples (quick runs)"
+    )
+    what.add_argument("--limit-test", type=int, help="test on a fixed random subset of N examples")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, help="number of epochs" + _default("epochs"))
+    optim.add_argument("--batch-size", type=int, help="minibatch size" + _default("batch_size"))
+    optim.add_argument("--lr", type=float, help="SGD learning rate" + _default("lr"))
+    optim.add_argument("--momentum", type=float, help="SGD momentum" + _default("momentum"))
+    optim.add_argument(
+        "--weight-decay", type=float, help="SGD weight decay" + _default("weight_decay")
+    )
+    optim.add_argument(
+        "--feedback-decay",
+        type=float,
+        help="lambda of Y <- Y - lambda*Y after every step (fa / learned feedback)"
+        + _default("feedback_decay"),
+    )
+    optim.add_argument("--seed", type=int, help="random seed" + _default("seed"))
+
+    rules = parser.add_argument_group("rule hyperparameters (default: the rule's own)")
+    rules.add_argument(
+        "--feedback-scale",
+        type=float,
+        help="bound s of random feedback U(-s, s) (default 1/sqrt(fan_in))",
+    )
+    rules.add_argument("--kp-lr", type=float, help="kp: feedback learning rate (default --lr)")
+    rules.add_argument(
+        "--kp-weight-decay", type=float, help="kp: feedback weight decay (default --weight-decay)"
+    )
+    wm = WEIGHT_MIRROR
+    rules.add_argument("--wm-lr", type=float, help=f"wm: mirror learning rate (default {wm.lr})")
+    rules.add_argument(
+        "--wm-weight-decay", type=float, help=f"wm: mirror weight decay (default {wm.weight_decay})"
+    )
+    rules.add_argument(
+        "--wm-noise-std", type=float, help=f"wm: mirror noise std (default {wm.noise_std})"
+    )
+    rules.add_argument(
+        "--wm-batch-size", type=int, help=f"wm: noise samples per update (default {wm.batch_size})"
+    )
+
+    rdd = parser.add_argument_group("spiking feedback phase (rule rdd)")
+    rdd.add_argument(
+        "--rdd-every",
+        type=int,
+        help="run the phase before every N-th epoch" + _default("rdd_every"),
+    )
+    rdd.add_argument(
+        "--rdd-time",
+        type=float,
+        help="simulated seconds per phase, a third per fc layer" + _default("rdd_time"),
+    )
+    rdd.add_argument(
+        "--estimator", choices=("lms", "ols"), help="RDD estimator" + _default("estimator")
+    )
+    rdd.add_argument(
+        "--update",
+        choices=("rescale", "gradient"),
+        help="feedback update from beta" + _default("update"),
+    )
+
+    run = parser.add_argument_group("execution")
+    run.add_argument("--out", required=True, help="output directory of the run")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    run.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        help="auto picks CUDA when present" + _default("device"),
+    )
+    run.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic algorithms (reproducible on CUDA, slower)",
+    )
+    run.add_argument("--workers", type=int, help="DataLoader workers" + _default("workers"))
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line."""
+    names = {f.name for f in fields(trainer.TrainConfig)}
+    return {
+        name: value for name, value in vars(args).items() if name in names and value is not None
+    }
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    overrides = config_overrides(args)
+    if args.resume:
+        config = trainer.resume_config(args.out, overrides)
+    else:
+        missing = [f"--{name}" for name in ("dataset", "rule") if name not in overrides]
+        if missing:
+            raise UserError(f"{' and '.join(missing)} required to start a run (or pass --resume)")
+        config = trainer.TrainConfig(**overrides)
+    trainer.train(
+        config,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"run written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
