@@ -4,7 +4,8 @@ One step = forward, cross-entropy loss, zero_grad, backward, SGD step (momentum 
 feedback.step_feedback. Models: the paper's net (batch 32, 3x32x32) and torchvision's resnet18
 (batch 16, 3x64x64, 10 classes; --resnet-batch). Every variant (the unconverted model and each
 rule) gets its own copy of the same initial network; repetitions are interleaved in a shuffled
-order and the median is reported, so slow phases of the machine hit every variant alike.
+order; the ratio reported is the median over rounds of (rule's step / plain backprop's step in
+the same round), so slow phases of a shared machine hit both sides of each ratio alike.
 Rules that touch every weight once per step (usf/frsf: sign(W) * magnitude; bp: copy of W;
 brsf: a fresh random draw) cost a fixed time per parameter, which weighs more on resnet18's 11M
 parameters at a small batch than on the paper net.
@@ -82,23 +83,24 @@ def time_variants(model: nn.Module, inputs, targets, repeats: int) -> dict[str, 
 
 
 def print_table(title: str, samples: dict[str, list[float]]) -> None:
-    """Median ms/step and ratio to plain backprop, plus the fastest step as a cross-check.
+    """Median ms/step, and the median over rounds of the ratio to plain backprop in that round.
 
-    Other load on the machine only ever adds time, so the minimum is the least disturbed figure.
+    Pairing each step with plain backprop's step of the same round cancels load that other
+    processes put on the machine for longer than a round; the fastest step is a cross-check
+    (such load only ever adds time).
     """
-    medians = {name: statistics.median(times) for name, times in samples.items()}
-    fastest = {name: min(times) for name, times in samples.items()}
-    plain = medians[PLAIN]
+    plain = samples[PLAIN]
     print(f"\n{title}")
     print(f"{'rule':<16}{'ms/step':>10}{'ratio':>8}{'min ms':>10}{'min ratio':>11}")
-    for name, seconds in medians.items():
-        ratio_fastest = fastest[name] / fastest[PLAIN]
+    ratios = {}
+    for name, times in samples.items():
+        ratios[name] = statistics.median(t / p for t, p in zip(times, plain, strict=True))
         print(
-            f"{name:<16}{1000 * seconds:>10.1f}{seconds / plain:>8.3f}"
-            f"{1000 * fastest[name]:>10.1f}{ratio_fastest:>11.3f}"
+            f"{name:<16}{1000 * statistics.median(times):>10.1f}{ratios[name]:>8.3f}"
+            f"{1000 * min(times):>10.1f}{min(times) / min(plain):>11.3f}"
         )
     verdicts = [
-        f"{rule} {'yes' if medians[rule] / plain <= GOAL else 'NO'} ({medians[rule] / plain:.3f}x)"
+        f"{rule} {'yes' if ratios[rule] <= GOAL else 'NO'} ({ratios[rule]:.3f}x)"
         for rule in CHEAP_RULES
     ]
     print(f"within {GOAL:.2f}x of plain backprop: {', '.join(verdicts)}")
@@ -134,7 +136,9 @@ for _ in range({repeats}):
     for name in order:
         samples[name].append(step(name))
 medians = {{name: statistics.median(s) for name, s in samples.items()}}
-print(torch.__version__, *(f"{{k}}={{v}}" for k, v in medians.items()))
+plain = samples["plain"]  # ratios paired by round, as in the main benchmark
+ratios = {{name: statistics.median(t / p for t, p in zip(s, plain)) for name, s in samples.items()}}
+print(torch.__version__, *(f"{{k}}={{medians[k]}},{{ratios[k]}}" for k in nets))
 """
 
 
@@ -152,13 +156,14 @@ def time_biotorch(repeats: int, threads: int) -> None:
         print(f"  failed: {last_line}")
         return
     version, *fields = result.stdout.split()
-    medians = {key: float(value) for key, value in (field.split("=") for field in fields)}
-    plain = medians["plain"]
-    print(f"  (torch {version}) plain backprop {1000 * plain:.1f} ms/step")
+    figures = {}
+    for field in fields:  # name=median_seconds,ratio
+        name, values = field.split("=")
+        figures[name] = [float(value) for value in values.split(",")]
+    print(f"  (torch {version}) plain backprop {1000 * figures['plain'][0]:.1f} ms/step")
     for mode in ("fa", "usf"):
-        print(
-            f"  biotorch {mode:<4}{1000 * medians[mode]:>8.1f} ms/step {medians[mode] / plain:.3f}x"
-        )
+        seconds, ratio = figures[mode]
+        print(f"  biotorch {mode:<4}{1000 * seconds:>8.1f} ms/step {ratio:.3f}x")
 
 
 def main() -> None:

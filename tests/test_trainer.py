@@ -387,3 +387,16 @@ def test_multilabel_run_uses_bce_and_mean_average_precision(tmp_path, monkeypatc
     by_class = [average_precision_score(targets[:, k], logits[:, k]) for k in range(10)]
     assert rows[0]["test_map"] == pytest.approx(np.mean(by_class))
     assert trainer.read_run(tmp_path).multilabel
+
+
+def test_download_only_mode_is_the_command_the_missing_data_error_prints(tmp_path):
+    from spikealign.data import FETCH_COMMAND
+
+    command = FETCH_COMMAND.format(name="digits", data_dir=str(tmp_path)).split()
+    assert command[:3] == ["python", "-m", "training.run"]
+    process = subprocess.run(
+        [sys.executable, *command[1:]], capture_output=True, text=True, timeout=120
+    )
+    assert process.returncode == 0, process.stderr
+    assert "digits is in" in process.stdout
+    assert not any(tmp_path.iterdir())  # no run directory was made

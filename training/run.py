@@ -17,7 +17,7 @@ import sys
 from dataclasses import fields
 
 from spikealign import feedback, trainer
-from spikealign.data import DATASETS
+from spikealign.data import DATASETS, load_dataset
 from spikealign.errors import UserError, exit_on_user_error
 
 DEFAULTS = trainer.TrainConfig(dataset="", rule="")
@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     run = parser.add_argument_group("execution")
-    run.add_argument("--out", required=True, help="output directory of the run")
+    run.add_argument(
+        "--out", help="output directory of the run (required unless only downloading data)"
+    )
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     run.add_argument(
@@ -156,6 +158,14 @@ def config_overrides(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     overrides = config_overrides(args)
+    if args.out is None and args.download and "dataset" in overrides and "rule" not in overrides:
+        # download only: the command the missing-data error prints
+        data_dir = overrides.get("data_dir", trainer.TrainConfig.data_dir)
+        load_dataset(overrides["dataset"], data_dir, download=True)
+        print(f"{overrides['dataset']} is in {data_dir}")
+        return
+    if args.out is None:
+        raise UserError("--out DIR is required: the directory that holds the run")
     if args.resume:
         config = trainer.resume_config(args.out, overrides)
     else:
