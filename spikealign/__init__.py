@@ -2,7 +2,7 @@
 
 Modules
 -------
-feedback   learning rules as PyTorch layers (bp, fa, usf, brsf, frsf, dfa, wm, kp, learned) and ``convert``
+feedback   learning rules as PyTorch layers (bp, fa, usf, brsf, frsf, dfa, wm, kp, learned)
 metrics    alignment between forward weights and feedback
 models     the paper's convolutional network
 lif        the leaky integrate-and-fire network of the feedback-training phase (Brian2)
