@@ -264,7 +264,7 @@ class Conv2dFeedbackFunction(torch.autograd.Function):
         needs_bias = needs_bias and ctx.bias_sizes is not None
         if ctx.output_error is None:
             # one fused call, as autograd's own conv backward: dx from feedback, dW from (x, delta)
-            grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward.default(
                 grad_output,
                 input,
                 feedback.to(grad_output.dtype),
