@@ -100,8 +100,6 @@ def main(argv=None) -> dict:
         duration=args.duration, estimator=args.estimator, update=args.update, seed=args.seed
     )
     phase = FeedbackPhase(sizes, config, cache_dir=args.cache_dir, progress=not args.no_progress)
-    if feedbacks is None:
-        feedbacks = kaiming_uniform(sizes, np.random.default_rng(args.seed + 1))
     start = time.perf_counter()
     result = phase.run(weights, feedbacks, log_path=args.log)
     total_s = time.perf_counter() - start

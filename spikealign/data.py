@@ -121,16 +121,22 @@ def load_dataset(
 
     if name == "digits":
         train, test = _load_digits(image_size)
-        return DatasetBundle(
-            train=train,
-            test=test,
-            in_channels=spec.in_channels,
-            image_size=image_size,
-            num_classes=spec.num_classes,
-            multilabel=False,
-            class_names=DIGIT_CLASSES,
-        )
+        class_names = DIGIT_CLASSES
+    else:
+        train, test, class_names = _load_files(name, spec, data_dir, download, image_size, augment)
+    return DatasetBundle(
+        train=train,
+        test=test,
+        in_channels=spec.in_channels,
+        image_size=image_size,
+        num_classes=spec.num_classes,
+        multilabel=name == "voc",
+        class_names=class_names,
+    )
 
+
+def _load_files(name, spec, data_dir, download, image_size, augment):
+    """(train, test, class_names) of a dataset kept in files, read through torchvision."""
     data_dir = os.path.expanduser(str(data_dir))
     _check_data_dir(data_dir, create=download)
     train_transform = _image_transform(spec, image_size, augment=augment)
@@ -149,15 +155,7 @@ def load_dataset(
     else:
         train, test = loader.voc(train_transform, test_transform)
         class_names = VOC_CLASSES
-    return DatasetBundle(
-        train=train,
-        test=test,
-        in_channels=spec.in_channels,
-        image_size=image_size,
-        num_classes=spec.num_classes,
-        multilabel=name == "voc",
-        class_names=class_names,
-    )
+    return train, test, class_names
 
 
 def _image_transform(spec: _Spec, image_size: int, augment: bool) -> v2.Compose:

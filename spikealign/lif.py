@@ -389,9 +389,9 @@ class LIFProgram:
             b2.device.build(
                 directory=str(self.directory), compile=True, run=False, with_output=False
             )
-        self._synapse_order = [self._dense_order(syn, index) for index, syn in enumerate(synapses)]
+        self._synapse_order = [self._dense_order(index) for index in range(len(synapses))]
 
-    def _dense_order(self, syn, index: int):
+    def _dense_order(self, index: int):
         """Synapses are created pre-major by connect(); the (post, pre) index of each synapse."""
         n_pre, n_post = self.sizes[index], self.sizes[index + 1]
         pre = np.repeat(np.arange(n_pre), n_post)
@@ -471,7 +471,7 @@ class LIFProgram:
         for group in self.groups:
             layer_state = {}
             for name in STATE_VARIABLES:
-                value = np.asarray(getattr(group, name + ("_" if _has_unit(name) else ""))[:])
+                value = np.asarray(getattr(group, name + "_")[:])  # values without units
                 if name == "lastspike":
                     value = value + t_offset
                 layer_state[name] = value.copy()
@@ -497,10 +497,6 @@ def _threads(threads: int | None) -> int:
     if threads is None:
         threads = int(os.environ.get("SPIKEALIGN_THREADS", "0"))
     return int(threads)
-
-
-def _has_unit(name: str) -> bool:
-    return name in ("window_start", "lastspike")
 
 
 @contextlib.contextmanager

@@ -87,7 +87,7 @@ class PhaseResult:
     alignment: list[dict]  # {"time", "layer", "angle_deg", "sign_agreement", "norm_ratio"}
     log_path: str | None
     wall_s: float  # simulation, estimation and updates (no build)
-    build_s: float  # building or loading the compiled program (0 when already loaded)
+    build_s: float  # building or loading the compiled program (about 0 when already loaded)
     simulated_s: float
     windows: list[int]  # RDD windows recorded per fc layer
 
@@ -153,7 +153,6 @@ class FeedbackPhase:
             self._program = LIFProgram.load(
                 self.sizes, end - start, self.config.lif, self.cache_dir
             )
-            self._program_fresh = True
         return self._program
 
     # -- the phase ----------------------------------------------------------------------------
@@ -166,10 +165,7 @@ class FeedbackPhase:
         """Simulate one phase from forward ``weights`` and return the new feedback weights."""
         weights = self._check_matrices(weights, "weight")
         if feedbacks is None:
-            rng = np.random.default_rng(self.config.seed)
-            feedbacks = [
-                rng.uniform(-1, 1, w.shape) / math.sqrt(w.shape[1]) for w in weights
-            ]  # Kaiming-uniform bound of torch.nn.Linear
+            feedbacks = kaiming_uniform(self.sizes, np.random.default_rng(self.config.seed))
         feedbacks = [f.copy() for f in self._check_matrices(feedbacks, "feedback")]
         for index, feedback in enumerate(feedbacks):
             if np.isnan(self._feedback_std[index]):
@@ -177,10 +173,9 @@ class FeedbackPhase:
         initial_feedbacks = [f.copy() for f in feedbacks]
 
         plan = self.schedule()
-        self._program_fresh = False
         build_start = time.perf_counter()
         program = self.program()
-        build_s = time.perf_counter() - build_start if self._program_fresh else 0.0
+        build_s = time.perf_counter() - build_start
 
         p = self.config.lif
         scaled = [scaled_weights(w, p) for w in weights]
@@ -307,7 +302,7 @@ class FeedbackPhase:
         from spikealign.spikelog import SpikeLogWriter
 
         params = {
-            "config": {k: v for k, v in asdict(self.config).items()},
+            "config": asdict(self.config),
             "sizes": self.sizes,
             "schedule": plan,
         }
@@ -350,9 +345,7 @@ class FeedbackPhase:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(
-            total=total, unit="s", desc="feedback phase (simulated s)", bar_format=None, leave=False
-        )
+        return tqdm(total=total, unit="s", desc="feedback phase (simulated s)", leave=False)
 
     # -- state across phases ------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -101,7 +101,7 @@ def filtered_spikes(
     return (trace_L - trace_s) / ((tau_L - tau_s) / dt)
 
 
-def window_outcomes_operator(
+def window_steps(
     windows: Windows, first_step: int, n_steps: int, dt: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Steps of each window: (start step, end step, length) relative to ``first_step``."""
@@ -121,25 +121,39 @@ def outcome_sums(
     first_step: int,
     dt: float,
 ) -> np.ndarray:
-    """sum over windows w with rows[w] == r of weights[w] * dR_w, for every row r: (n_rows, N_k).
+    """sum over windows w with rows[w] == r of weights[s, w] * dR_w, for every set s and row r.
 
-    dR_w = (C(end) - C(start)) / length - q(start), with C the cumulative sum of q over steps.
+    ``weights`` is (n_sets, n_windows); the result is (n_sets, n_rows, N_k). dR_w =
+    (C(end) - C(start)) / length - q(start), with C the cumulative sum of q over steps, computed
+    once for all sets.
     """
-    n_steps = q.shape[0]
-    start, end, length = window_outcomes_operator(windows, first_step, n_steps, dt)
+    weights = np.atleast_2d(weights)
+    n_sets, n_steps = len(weights), q.shape[0]
+    start, end, length = window_steps(windows, first_step, n_steps, dt)
     cumulative = np.cumsum(q, axis=0)
-    # one sparse matrix selects +C(end)/L, -C(start)/L and -q(start) for each window
-    data = np.concatenate([weights / length, -weights / length])
-    cols = np.concatenate([end, start])
-    rows2 = np.concatenate([rows, rows])
-    on_cumulative = sp.csr_matrix((data, (rows2, cols)), shape=(n_rows, n_steps))
-    on_q = sp.csr_matrix((-weights, (rows, start)), shape=(n_rows, n_steps))
-    return np.asarray(on_cumulative @ cumulative + on_q @ q)
+    # one sparse matrix selects +C(end)/L, -C(start)/L and -q(start) for each window and set
+    set_rows = (np.arange(n_sets)[:, None] * n_rows + rows[None, :]).ravel()
+    scaled = (weights / length).ravel()
+    on_cumulative = sp.csr_matrix(
+        (
+            np.concatenate([scaled, -scaled]),
+            (
+                np.concatenate([set_rows, set_rows]),
+                np.concatenate([np.tile(end, n_sets), np.tile(start, n_sets)]),
+            ),
+        ),
+        shape=(n_sets * n_rows, n_steps),
+    )
+    on_q = sp.csr_matrix(
+        (-weights.ravel(), (set_rows, np.tile(start, n_sets))), shape=(n_sets * n_rows, n_steps)
+    )
+    sums = np.asarray(on_cumulative @ cumulative + on_q @ q)
+    return sums.reshape(n_sets, n_rows, q.shape[1])
 
 
 def window_outcomes(windows: Windows, q: np.ndarray, first_step: int, dt: float) -> np.ndarray:
     """dR for every window: (n_windows, N_k). Used by LMS, which needs them one by one."""
-    start, end, length = window_outcomes_operator(windows, first_step, q.shape[0], dt)
+    start, end, length = window_steps(windows, first_step, q.shape[0], dt)
     cumulative = np.cumsum(q, axis=0)
     return (cumulative[end] - cumulative[start]) / length[:, None] - q[start]
 
@@ -176,12 +190,9 @@ class OLSEstimator:
         rows = side * self.n_in + windows.neuron
         for column, values in enumerate((weight, weight * x, weight * x * x)):
             np.add.at(self.scalar[..., column].reshape(-1), rows, values)
-        self.sum_y += outcome_sums(windows, weight, rows, 2 * self.n_in, q, first_step, dt).reshape(
-            2, self.n_in, self.n_out
-        )
-        self.sum_xy += outcome_sums(
-            windows, weight * x, rows, 2 * self.n_in, q, first_step, dt
-        ).reshape(2, self.n_in, self.n_out)
+        sums = outcome_sums(windows, [weight, weight * x], rows, 2 * self.n_in, q, first_step, dt)
+        self.sum_y += sums[0].reshape(2, self.n_in, self.n_out)
+        self.sum_xy += sums[1].reshape(2, self.n_in, self.n_out)
 
     def lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Slopes and intercepts (side, i, k) and which neurons have both sides estimated."""

@@ -19,17 +19,11 @@ STEPS = 100  # 0.1 s segment
 
 
 @pytest.fixture(scope="module")
-def program(tmp_path_factory):
-    return LIFProgram([2, 1], STEPS * PARAMS.dt, PARAMS, cache_dir=_cache())
+def program():
+    return LIFProgram.load([2, 1], STEPS * PARAMS.dt, PARAMS)
 
 
-def _cache():
-    from spikealign.lif import default_cache_dir
-
-    return default_cache_dir()
-
-
-def _run(program, drive, threshold_free=False):
+def _run(program, drive):
     """One segment with a constant drive on neuron 0 of layer 0 (neuron 1 gets none)."""
     state = program.initial_state()
     state[0]["trace_L"] = np.array([drive * PARAMS.kernel_norm, 0.0])

@@ -145,7 +145,6 @@ def _cli_error(tmp_path, *args):
         [sys.executable, "-m", "sims.rdd_phase", "--no-progress", *args],
         capture_output=True,
         text=True,
-        cwd=tmp_path.parent if False else None,
     )
     assert process.returncode == 2, process.stderr
     lines = process.stderr.strip().splitlines()

@@ -66,10 +66,12 @@ def test_window_outcomes_match_definition():
     )
     assert np.allclose(window_outcomes(windows, q2, 0, DT), direct)
     weights = rng.uniform(size=len(windows))
-    sums = outcome_sums(windows, weights, windows.neuron, 3, q2, 0, DT)
+    sums = outcome_sums(windows, [weights, 2 * weights], windows.neuron, 3, q2, 0, DT)
     expected = np.zeros((3, 4))
     np.add.at(expected, windows.neuron, weights[:, None] * direct)
-    assert np.allclose(sums, expected)
+    assert sums.shape == (2, 3, 4)
+    assert np.allclose(sums[0], expected)
+    assert np.allclose(sums[1], 2 * expected)
 
 
 def test_filtered_spikes_is_the_kernel_convolution():
