@@ -44,12 +44,13 @@ disk; each segment of a phase reruns the compiled binary with new weights, state
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import io
 import json
 import os
 import shutil
+import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 #: Bump when the generated program changes, so old cached builds are not reused.
-PROGRAM_VERSION = 1
+PROGRAM_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,13 @@ WINDOW_FOLLOW = "u = v * (1 - int(in_window)) + u * int(in_window)"
 WINDOW_OPEN_CONDITION = "driven and not in_window and abs(threshold - u) <= window_open_band"
 WINDOW_OPEN = "in_window = True\nwindow_start = t + t_offset\nu_max = u\nwindow_spikes = 0"
 
+#: Set per segment besides the state: whether the layer is noise-driven, where the segment starts
+#: in the phase (the program's clock restarts at 0 each time) and the seed of the noise.
+_SEGMENT_INPUTS = ("driven", "t_offset", "seed")
+
+#: Recorded at the close of every RDD window, besides its end time and neuron.
+_WINDOW_VARIABLES = ("window_start", "u_max", "window_spikes")
+
 #: State carried from one segment of a phase to the next.
 STATE_VARIABLES = (
     "v",
@@ -211,50 +219,21 @@ def default_cache_dir() -> Path:
     return Path(root) / "brian2"
 
 
+#: Written last into a build directory: names the binary's inputs and outputs.
+MANIFEST = "spikealign_manifest.json"
+
+
 class LIFProgram:
     """The compiled Brian2 program for one network shape and segment length.
 
-    Building takes a minute or two the first time; the build is cached under ``cache_dir`` keyed by
-    the shape, the parameters and the segment length, and later processes reuse it after a few
-    seconds of code generation. Brian2's standalone device is global, so one program is active per
-    process: get it with :meth:`load`, which returns the active one when it matches and otherwise
-    replaces it (the old program's Brian2 objects are released first, so generated names, and with
-    them the cached build, stay the same).
+    The first use builds it (Brian2 code generation and compilation, about half a minute) into a
+    directory under ``cache_dir`` keyed by the shape, the parameters and the segment length, and
+    writes a manifest of the binary's inputs and outputs there. Every segment then runs the binary
+    directly with new weights, state and seed, passed the way Brian2's ``run_args`` pass them
+    (``group.variable=value_or_file``), and reads its results from a scratch directory. Later
+    phases and later processes reuse the build without generating code again; several programs
+    can be used side by side, and several processes can share one build.
     """
-
-    _active: LIFProgram | None = None
-
-    @classmethod
-    def load(
-        cls,
-        sizes: list[int],
-        segment_duration: float,
-        params: LIFParams | None = None,
-        cache_dir: str | Path | None = None,
-        threads: int | None = None,
-    ) -> LIFProgram:
-        """The program for this shape: the active one if it matches, else built or loaded."""
-        active = cls._active
-        params = params or LIFParams()
-        if (
-            active is not None
-            and active.sizes == [int(n) for n in sizes]
-            and active.segment_steps == round(segment_duration / params.dt)
-            and active.params == params
-            and active.threads == _threads(threads)
-            and active.directory.parent == Path(cache_dir or default_cache_dir())
-        ):
-            return active
-        cls._active = None
-        if active is not None:
-            active._release()
-        cls._active = cls(sizes, segment_duration, params, cache_dir, threads)
-        return cls._active
-
-    def _release(self) -> None:
-        for name in ("groups", "synapses", "spike_monitors", "window_monitors", "network"):
-            setattr(self, name, None)
-        gc.collect()
 
     def __init__(
         self,
@@ -286,11 +265,36 @@ class LIFProgram:
         shape = "-".join(map(str, self.sizes))
         self.directory = Path(cache_dir or default_cache_dir()) / f"lif_{shape}_{digest}"
         start = time.perf_counter()
-        self._build()
+        if not (self.directory / MANIFEST).is_file():
+            self._build()
+        self._manifest = json.loads((self.directory / MANIFEST).read_text())
         self.build_s = time.perf_counter() - start
+        self._synapse_order = [self._dense_order(index) for index in range(len(self.sizes) - 1)]
 
     # -- construction -------------------------------------------------------------------------
     def _build(self) -> None:
+        """Generate and compile the program in a staging directory, then move it into place."""
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(
+            tempfile.mkdtemp(prefix=self.directory.name + ".", dir=self.directory.parent)
+        )
+        try:
+            manifest = self._generate(staging)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            if self.directory.exists():  # an unfinished or outdated build without manifest
+                if (self.directory / MANIFEST).is_file():
+                    return  # another process finished the same build first
+                shutil.rmtree(self.directory, ignore_errors=True)
+            staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+            os.rename(staging, self.directory)
+        except OSError:
+            if not (self.directory / MANIFEST).is_file():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _generate(self, directory: Path) -> dict:
+        """Build the Brian2 network, compile it into ``directory`` and describe its files."""
         import brian2 as b2
         from brian2.devices import device_module
 
@@ -310,6 +314,9 @@ class LIFProgram:
         b2.device.reinit()
         b2.device.activate(build_on_run=False)
         b2.prefs.devices.cpp_standalone.openmp_threads = self.threads
+        # Linking with -ffast-math flushes subnormal numbers to zero: the decaying traces of a
+        # silent layer would otherwise stay subnormal and make the program 3 to 5 times slower.
+        b2.prefs.codegen.cpp.extra_link_args = ["-ffast-math"]
         b2.prefs.logging.console_log_level = "WARNING"
         b2.defaultclock.dt = p.dt * b2.second
 
@@ -379,17 +386,34 @@ class LIFProgram:
             )
             syn.connect()  # dense: every pre neuron to every post neuron
             synapses.append(syn)
-        self._b2 = b2
-        self.groups, self.synapses = groups, synapses
-        self.spike_monitors, self.window_monitors = spike_monitors, window_monitors
-        self.network = b2.Network(groups, synapses, spike_monitors, window_monitors)
-        self.network.run(self.segment_duration * b2.second, namespace={})
-        self.directory.mkdir(parents=True, exist_ok=True)
+        network = b2.Network(groups, synapses, spike_monitors, window_monitors)
+        network.run(self.segment_duration * b2.second, namespace={})
         with _quiet():
-            b2.device.build(
-                directory=str(self.directory), compile=True, run=False, with_output=False
-            )
-        self._synapse_order = [self._dense_order(index) for index in range(len(synapses))]
+            b2.device.build(directory=str(directory), compile=True, run=False, with_output=False)
+
+        def describe(obj, name):
+            variable = obj.variables[name]
+            return {
+                "key": f"{obj.name}.{name}",
+                "file": b2.device.get_array_filename(variable),
+                "dtype": np.dtype(variable.dtype).str,
+            }
+
+        manifest = {
+            "binary": "main.exe" if os.name == "nt" else "main",
+            "layers": [
+                {name: describe(group, name) for name in (*STATE_VARIABLES, *_SEGMENT_INPUTS)}
+                for group in groups
+            ],
+            "synapses": [describe(syn, "w") for syn in synapses],
+            "spikes": [{name: describe(m, name) for name in ("t", "i")} for m in spike_monitors],
+            "windows": [
+                {name: describe(m, name) for name in ("t", "i", *_WINDOW_VARIABLES)}
+                for m in window_monitors
+            ],
+        }
+        device_module.reset_device("runtime")
+        return manifest
 
     def _dense_order(self, index: int):
         """Synapses are created pre-major by connect(); the (post, pre) index of each synapse."""
@@ -428,63 +452,69 @@ class LIFProgram:
         """Run one segment from ``state`` and return what it recorded and the final state.
 
         ``weights`` are the spiking network's synaptic weights (already scaled, out x in, one per
-        fc layer); ``t_offset`` is the segment's start in seconds since the phase began.
+        fc layer); ``t_offset`` is the segment's start in seconds since the phase began. Values
+        are in SI units (seconds).
         """
-        b2 = self._b2
-        second = b2.second
-        run_args = {}
-        for index, syn in enumerate(self.synapses):
-            pre, post = self._synapse_order[index]
-            run_args[syn.w] = np.ascontiguousarray(weights[index][post, pre], dtype=np.float64)
-        for index, group in enumerate(self.groups):
-            layer_state = state[index]
+        manifest = self._manifest
+        values = []
+        for entry, (pre, post), weight in zip(
+            manifest["synapses"], self._synapse_order, weights, strict=True
+        ):
+            values.append((entry, weight[post, pre]))
+        for index, (entries, layer_state) in enumerate(zip(manifest["layers"], state, strict=True)):
             for name in STATE_VARIABLES:
                 value = layer_state[name]
-                if name in ("window_start", "lastspike"):
-                    # Brian2's clock restarts at 0 every segment: lastspike is relative to it
-                    if name == "lastspike":
-                        value = value - t_offset
-                    value = np.asarray(value) * second
-                run_args[getattr(group, name)] = value
-            run_args[group.driven] = index == driven_layer
-            run_args[group.t_offset] = t_offset * second
-            run_args[group.seed] = int(seed)
-        with _quiet():
-            b2.device.run(run_args=run_args, with_output=False)
-        self._clean_static_arrays()
+                if name == "lastspike":  # the program's clock restarts at 0 every segment
+                    value = np.asarray(value) - t_offset
+                values.append((entries[name], value))
+            values.append((entries["driven"], index == driven_layer))
+            values.append((entries["t_offset"], t_offset))
+            values.append((entries["seed"], int(seed)))
 
-        spike_times, spike_indices = [], []
-        for monitor in self.spike_monitors:
-            spike_times.append(np.asarray(monitor.t_[:]) + t_offset)
-            spike_indices.append(np.asarray(monitor.i[:], dtype=np.int32))
-        windows = self.window_monitors[driven_layer]
-        record = SegmentRecord(
-            spike_times=spike_times,
-            spike_indices=spike_indices,
-            window_neuron=np.asarray(windows.i[:], dtype=np.int32),
-            window_start=np.asarray(windows.window_start_[:]),
-            window_end=np.asarray(windows.t_[:]) + t_offset,
-            window_u_max=np.asarray(windows.u_max[:], dtype=np.float64),
-            window_spikes=np.asarray(windows.window_spikes[:], dtype=np.int32),
-        )
-        new_state = []
-        for group in self.groups:
-            layer_state = {}
-            for name in STATE_VARIABLES:
-                value = np.asarray(getattr(group, name + "_")[:])  # values without units
-                if name == "lastspike":
-                    value = value + t_offset
-                layer_state[name] = value.copy()
-            new_state.append(layer_state)
+        with tempfile.TemporaryDirectory(prefix="spikealign-segment-") as scratch:
+            results = os.path.join(scratch, "results", "")
+            os.mkdir(results)
+            args = [str(self.directory / manifest["binary"]), "--results_dir", results]
+            for number, (entry, value) in enumerate(values):
+                array = np.asarray(value, dtype=entry["dtype"])
+                if array.size == 1:  # a single value goes on the command line
+                    args.append(f"{entry['key']}={array.item()!r}")
+                else:
+                    path = os.path.join(scratch, f"input{number}.dat")
+                    np.ascontiguousarray(array).ravel().tofile(path)
+                    args.append(f"{entry['key']}={path}")
+            done = subprocess.run(
+                args, cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+            if done.returncode != 0:
+                message = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+                raise RuntimeError(
+                    f"the compiled LIF program in {self.directory} failed "
+                    f"(exit {done.returncode}) {message[0]}; delete that directory to rebuild it"
+                )
+
+            def read(entry):
+                return np.fromfile(os.path.join(results, entry["file"]), dtype=entry["dtype"])
+
+            spikes = manifest["spikes"]
+            windows = {
+                name: read(entry) for name, entry in manifest["windows"][driven_layer].items()
+            }
+            record = SegmentRecord(
+                spike_times=[read(entries["t"]) + t_offset for entries in spikes],
+                spike_indices=[read(entries["i"]).astype(np.int32) for entries in spikes],
+                window_neuron=windows["i"].astype(np.int32),
+                window_start=windows["window_start"].astype(np.float64),
+                window_end=windows["t"] + t_offset,
+                window_u_max=windows["u_max"].astype(np.float64),
+                window_spikes=windows["window_spikes"].astype(np.int32),
+            )
+            new_state = []
+            for entries in manifest["layers"]:
+                layer_state = {name: read(entries[name]) for name in STATE_VARIABLES}
+                layer_state["lastspike"] = layer_state["lastspike"] + t_offset
+                new_state.append(layer_state)
         return record, new_state
-
-    def _clean_static_arrays(self) -> None:
-        """run_args leave one file per distinct array: drop them so the cache does not grow."""
-        static = self.directory / "static_arrays"
-        if static.is_dir():
-            for path in static.glob("init_*.dat"):
-                with contextlib.suppress(OSError):
-                    path.unlink()
 
 
 def _threads(threads: int | None) -> int:

@@ -150,9 +150,7 @@ class FeedbackPhase:
         """The compiled program for this shape (built or loaded from the cache on first use)."""
         _, start, end = self.schedule()[0]
         if self._program is None or abs(self._program.segment_duration - (end - start)) > 1e-9:
-            self._program = LIFProgram.load(
-                self.sizes, end - start, self.config.lif, self.cache_dir
-            )
+            self._program = LIFProgram(self.sizes, end - start, self.config.lif, self.cache_dir)
         return self._program
 
     # -- the phase ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ STEPS = 100  # 0.1 s segment
 
 @pytest.fixture(scope="module")
 def program():
-    return LIFProgram.load([2, 1], STEPS * PARAMS.dt, PARAMS)
+    return LIFProgram([2, 1], STEPS * PARAMS.dt, PARAMS)
 
 
 def _run(program, drive):
@@ -108,6 +108,17 @@ def test_windows_only_in_driven_layer(program):
     record, _ = program.run_segment([np.zeros((1, 2))], state, driven_layer=1, seed=0, t_offset=0)
     assert len(record.window_neuron) == 0  # layer 1 is driven (no noise), layer 0 opens none
     assert len(record.spike_times[0]) > 0
+
+
+def test_subnormal_values_are_flushed_to_zero(program):
+    # A silent layer's traces decay towards zero; as subnormal numbers they would stay there
+    # (x * 0.72 rounds back to the smallest one) and slow every later step by two orders.
+    state = program.initial_state()
+    state[0]["trace_s"] = np.array([0.0, 1e-300])  # exp(-100 steps / 3) later: ~3e-315
+    _, final = program.run_segment([np.zeros((1, 2))], state, driven_layer=1, seed=0, t_offset=0)
+    assert 1e-300 * math.exp(-STEPS * PARAMS.dt / PARAMS.tau_s) > 0  # representable, subnormal
+    assert final[0]["trace_s"][1] == 0.0
+    assert final[0]["v"][1] == 0.0 and final[0]["u"][1] == 0.0
 
 
 def test_counter_based_noise_is_uniform_and_reproducible():
