@@ -5,7 +5,7 @@ prints, per fc layer, sign agreement and angle after the phase, and the wall tim
 the build time reported separately. Reference implementation (NumPy, lms + rescale): about 63, 74
 and 80 % sign agreement (68, 51, 41 degrees) and about 350 s of wall time on a 2-core machine.
 
-    python benchmarks/rdd_phase.py --seeds 0,1,2 --estimators lms,ols
+    python benchmarks/rdd_phase.py --seeds 0,1,2 --estimators lms,ols,ols-plain
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from spikealign.phase import FeedbackPhase, PhaseConfig, kaiming_uniform
+from spikealign.rdd import RDDParams
 
 
 def main() -> None:
@@ -23,16 +24,19 @@ def main() -> None:
     parser.add_argument("--sizes", default="1600,384,192,10")
     parser.add_argument("--duration", type=float, default=90.0)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--estimators", default="lms,ols")
+    parser.add_argument(
+        "--estimators", default="lms,ols", help="lms, ols, and ols-plain (ols_adjust=False)"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"network {sizes}, {args.duration:g} s per phase, seeds {seeds}")
     for estimator in args.estimators.split(","):
         start = time.perf_counter()
-        phase = FeedbackPhase(
-            sizes, PhaseConfig(duration=args.duration, estimator=estimator), progress=False
-        )
+        config = PhaseConfig(duration=args.duration, estimator=estimator.removesuffix("-plain"))
+        if estimator == "ols-plain":
+            config.rdd = RDDParams(ols_adjust=False)
+        phase = FeedbackPhase(sizes, config, progress=False)
         phase.program()
         load_s = time.perf_counter() - start
         fresh = phase.state_dict()

@@ -455,6 +455,18 @@ class LIFProgram:
         fc layer); ``t_offset`` is the segment's start in seconds since the phase began. Values
         are in SI units (seconds).
         """
+        return self.start_segment(weights, state, driven_layer, seed, t_offset).result()
+
+    def start_segment(
+        self,
+        weights: list[np.ndarray],
+        state: list[dict[str, np.ndarray]],
+        driven_layer: int,
+        seed: int,
+        t_offset: float,
+    ) -> RunningSegment:
+        """:meth:`run_segment` in the background: the caller can estimate from the previous
+        segment while this one is simulated, then collect it with ``.result()``."""
         manifest = self._manifest
         values = []
         for entry, (pre, post), weight in zip(
@@ -471,8 +483,9 @@ class LIFProgram:
             values.append((entries["t_offset"], t_offset))
             values.append((entries["seed"], int(seed)))
 
-        with tempfile.TemporaryDirectory(prefix="spikealign-segment-") as scratch:
-            results = os.path.join(scratch, "results", "")
+        scratch = tempfile.TemporaryDirectory(prefix="spikealign-segment-")
+        try:
+            results = os.path.join(scratch.name, "results", "")
             os.mkdir(results)
             args = [str(self.directory / manifest["binary"]), "--results_dir", results]
             for number, (entry, value) in enumerate(values):
@@ -480,40 +493,70 @@ class LIFProgram:
                 if array.size == 1:  # a single value goes on the command line
                     args.append(f"{entry['key']}={array.item()!r}")
                 else:
-                    path = os.path.join(scratch, f"input{number}.dat")
+                    path = os.path.join(scratch.name, f"input{number}.dat")
                     np.ascontiguousarray(array).ravel().tofile(path)
                     args.append(f"{entry['key']}={path}")
-            done = subprocess.run(
+            process = subprocess.Popen(
                 args, cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
-            if done.returncode != 0:
-                message = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        except BaseException:
+            scratch.cleanup()
+            raise
+        return RunningSegment(self, process, scratch, results, driven_layer, t_offset)
+
+
+class RunningSegment:
+    """A segment being simulated by the compiled program in a separate process."""
+
+    def __init__(self, program: LIFProgram, process, scratch, results, driven_layer, t_offset):
+        self._program, self._process, self._scratch = program, process, scratch
+        self._results, self._driven_layer, self._t_offset = results, driven_layer, t_offset
+
+    def result(self) -> tuple[SegmentRecord, list[dict[str, np.ndarray]]]:
+        """Wait for the segment; (what it recorded, the final state)."""
+        try:
+            _, stderr = self._process.communicate()
+            if self._process.returncode != 0:
+                message = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
                 raise RuntimeError(
-                    f"the compiled LIF program in {self.directory} failed "
-                    f"(exit {done.returncode}) {message[0]}; delete that directory to rebuild it"
+                    f"the compiled LIF program in {self._program.directory} failed (exit "
+                    f"{self._process.returncode}) {message[0]}; delete that directory to rebuild it"
                 )
+            return self._read()
+        finally:
+            self._scratch.cleanup()
 
-            def read(entry):
-                return np.fromfile(os.path.join(results, entry["file"]), dtype=entry["dtype"])
+    def cancel(self) -> None:
+        """Stop the segment and delete its files."""
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._scratch.cleanup()
 
-            spikes = manifest["spikes"]
-            windows = {
-                name: read(entry) for name, entry in manifest["windows"][driven_layer].items()
-            }
-            record = SegmentRecord(
-                spike_times=[read(entries["t"]) + t_offset for entries in spikes],
-                spike_indices=[read(entries["i"]).astype(np.int32) for entries in spikes],
-                window_neuron=windows["i"].astype(np.int32),
-                window_start=windows["window_start"].astype(np.float64),
-                window_end=windows["t"] + t_offset,
-                window_u_max=windows["u_max"].astype(np.float64),
-                window_spikes=windows["window_spikes"].astype(np.int32),
-            )
-            new_state = []
-            for entries in manifest["layers"]:
-                layer_state = {name: read(entries[name]) for name in STATE_VARIABLES}
-                layer_state["lastspike"] = layer_state["lastspike"] + t_offset
-                new_state.append(layer_state)
+    def _read(self) -> tuple[SegmentRecord, list[dict[str, np.ndarray]]]:
+        manifest, t_offset = self._program._manifest, self._t_offset
+
+        def read(entry):
+            return np.fromfile(os.path.join(self._results, entry["file"]), dtype=entry["dtype"])
+
+        spikes = manifest["spikes"]
+        windows = {
+            name: read(entry) for name, entry in manifest["windows"][self._driven_layer].items()
+        }
+        record = SegmentRecord(
+            spike_times=[read(entries["t"]) + t_offset for entries in spikes],
+            spike_indices=[read(entries["i"]).astype(np.int32) for entries in spikes],
+            window_neuron=windows["i"].astype(np.int32),
+            window_start=windows["window_start"].astype(np.float64),
+            window_end=windows["t"] + t_offset,
+            window_u_max=windows["u_max"].astype(np.float64),
+            window_spikes=windows["window_spikes"].astype(np.int32),
+        )
+        new_state = []
+        for entries in manifest["layers"]:
+            layer_state = {name: read(entries[name]) for name in STATE_VARIABLES}
+            layer_state["lastspike"] = layer_state["lastspike"] + t_offset
+            new_state.append(layer_state)
         return record, new_state
 
 

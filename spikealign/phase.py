@@ -35,7 +35,13 @@ import numpy as np
 from spikealign.errors import UserError
 from spikealign.lif import LIFParams, LIFProgram, SegmentRecord, scaled_weights
 from spikealign.metrics import alignment
-from spikealign.rdd import ESTIMATORS, RDDParams, Windows, filtered_spikes, make_estimator
+from spikealign.rdd import (
+    ESTIMATORS,
+    RDDParams,
+    Windows,
+    filtered_spikes,
+    make_estimator,
+)
 
 UPDATES = ("rescale", "gradient")
 
@@ -124,6 +130,7 @@ class FeedbackPhase:
             for l in range(1, len(sizes))
         ]
         self._feedback_std = np.full(len(self.fc_names), np.nan)
+        self._needs_activity = self.config.estimator == "ols" and self.config.rdd.ols_adjust
 
     # -- schedule -----------------------------------------------------------------------------
     def schedule(self) -> list[tuple[int, float, float]]:
@@ -187,9 +194,15 @@ class FeedbackPhase:
         writer = self._open_log(log_path, weights, initial_feedbacks, plan, records)
         bar = self._progress_bar(plan[-1][2])
         wall_start = time.perf_counter()
+        seed = self.config.seed
+        pending = program.start_segment(scaled, state, plan[0][0], seed, plan[0][1])
         try:
-            for driven, start, end in plan:
-                record, state = program.run_segment(scaled, state, driven, self.config.seed, start)
+            for index, (driven, start, end) in enumerate(plan):
+                record, state = pending.result()
+                pending = None
+                if index + 1 < len(plan):  # simulate the next segment while estimating this one
+                    next_driven, next_start, _ = plan[index + 1]
+                    pending = program.start_segment(scaled, state, next_driven, seed, next_start)
                 windows = Windows(
                     record.window_neuron,
                     record.window_start,
@@ -214,6 +227,8 @@ class FeedbackPhase:
                     writer.write_weights(name, Y_after=feedbacks[fc], beta=betas[fc])
                 writer.close()
         except BaseException:
+            if pending is not None:
+                pending.cancel()
             if writer is not None:
                 writer.abandon()  # the .partial log keeps everything flushed so far
             raise
@@ -233,24 +248,32 @@ class FeedbackPhase:
         )
 
     def _estimate(self, driven, windows, record: SegmentRecord, history, start, end) -> None:
-        """Give the windows and the filtered spikes of the layer above to the estimator."""
+        """Give the windows, the filtered spikes of the layer above and, for the adjusted OLS, the
+        driven layer's activity to the estimator."""
         p = self.config.lif
-        above = driven + 1
-        times, indices = record.spike_times[above], record.spike_indices[above]
-        if above in history:  # spikes from the end of the previous segment matter to early windows
-            times = np.concatenate([history[above][0], times])
-            indices = np.concatenate([history[above][1], indices])
-        keep = times >= end - _HISTORY_S
-        history[above] = (times[keep], indices[keep])
+        layers = (driven + 1, driven) if self._needs_activity else (driven + 1,)
+        spikes = {}
+        for layer in layers:
+            times, indices = record.spike_times[layer], record.spike_indices[layer]
+            if layer in history:  # spikes from the end of the previous segment matter early on
+                times = np.concatenate([history[layer][0], times])
+                indices = np.concatenate([history[layer][1], indices])
+            keep = times >= end - _HISTORY_S
+            history[layer] = (times[keep], indices[keep])
+            spikes[layer] = (times, indices)
         if len(windows) == 0:
             return
         first_time = min(start, float(windows.start.min())) - _HISTORY_S
         first_step = math.floor(first_time / p.dt)
         n_steps = round(end / p.dt) - first_step + 1
-        q = filtered_spikes(
-            times, indices, self.sizes[above], first_step, n_steps, p.dt, p.tau_L, p.tau_s
+        filter_args = (first_step, n_steps, p.dt, p.tau_L, p.tau_s)
+        q = filtered_spikes(*spikes[driven + 1], self.sizes[driven + 1], *filter_args)
+        activity = None
+        if self._needs_activity:
+            activity = filtered_spikes(*spikes[driven], self.sizes[driven], *filter_args, times=2)
+        self._estimators[driven].add(
+            windows, q, first_step, p.dt, activity=activity, since_step=round(start / p.dt)
         )
-        self._estimators[driven].add(windows, q, first_step, p.dt)
 
     def _update(self, fc: int, feedback: np.ndarray, beta: np.ndarray) -> np.ndarray:
         """Apply the feedback update rule with the current beta (n_in x n_out) to Y (out x in)."""

@@ -99,6 +99,34 @@ def test_log_round_trip(lms_run):
         assert len(spikes.alignment()["time"]) == 2 + 2  # before, and after each segment
 
 
+def test_interrupted_phase_stops_the_next_segment_and_keeps_the_partial_log(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where segments keep their files
+    weights, feedbacks = weights_and_feedbacks()
+    phase = FeedbackPhase(SIZES, PhaseConfig(duration=DURATION, seed=3), progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # while the second segment runs in the background
+
+    monkeypatch.setattr(phase._estimators[0], "add", interrupted)
+    program, started = phase.program(), []
+    start_segment = program.start_segment
+
+    def recording_start(*args):
+        started.append(start_segment(*args))
+        return started[-1]
+
+    monkeypatch.setattr(program, "start_segment", recording_start)
+    with pytest.raises(KeyboardInterrupt):
+        phase.run(weights, feedbacks, log_path=tmp_path / "phase.h5")
+    assert len(started) == 2 and started[1]._process.returncode < 0  # killed, not finished
+    assert not list(tmp_path.glob("spikealign-segment-*"))  # and its files deleted
+    with open_log(tmp_path / "phase.h5.partial") as log:
+        assert not log.complete and log.simulated_until == 0.0
+        assert len(log.alignment()["time"]) == 2  # the records from before the phase
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

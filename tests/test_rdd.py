@@ -16,6 +16,7 @@ from spikealign.rdd import (
 
 DT = 1e-3
 LENGTH = 30
+PLAIN = RDDParams(ols_adjust=False)  # synthetic windows without a driven layer to adjust for
 
 
 def synthetic(n_in, n_out, per_neuron, beta, slope_up, slope_down, noise, seed=0):
@@ -93,7 +94,9 @@ def test_ols_recovers_known_jump_exactly_without_noise(bandwidth, pooled):
     beta = np.array([[0.5, -1.0, 2.0], [-0.3, 0.0, 1.5]])
     # slopes are per k (shared over neurons), as the pooled estimator assumes
     windows, q, _ = synthetic(2, 3, 40, beta, slope_up=0.7, slope_down=-0.4, noise=0.0)
-    estimator = OLSEstimator(2, 3, RDDParams(ols_bandwidth=bandwidth, ols_pooled=pooled))
+    estimator = OLSEstimator(
+        2, 3, RDDParams(ols_bandwidth=bandwidth, ols_pooled=pooled, ols_adjust=False)
+    )
     # statistics accumulate over several calls (segments) exactly as over one
     half = len(windows) // 2
     for part in (slice(0, half), slice(half, None)):
@@ -112,7 +115,7 @@ def test_ols_with_noise_is_close_and_unestimated_neurons_are_zero():
         *(getattr(windows, f)[keep] for f in ("neuron", "start", "end", "u_max", "spikes"))
     )
     for pooled in (True, False):
-        estimator = OLSEstimator(4, 5, RDDParams(ols_pooled=pooled))
+        estimator = OLSEstimator(4, 5, RDDParams(ols_pooled=pooled, ols_adjust=False))
         estimator.add(windows, q, 0, DT)
         estimate = estimator.beta()
         assert np.allclose(estimate[:3], beta[:3], atol=0.05)
@@ -124,7 +127,7 @@ def test_pooled_ols_has_less_error_than_free_lines_with_few_windows():
     windows, q, _ = synthetic(30, 4, 12, beta, 0.5, -0.5, noise=0.5, seed=2)
     errors = {}
     for pooled in (True, False):
-        estimator = OLSEstimator(30, 4, RDDParams(ols_pooled=pooled))
+        estimator = OLSEstimator(30, 4, RDDParams(ols_pooled=pooled, ols_adjust=False))
         estimator.add(windows, q, 0, DT)
         errors[pooled] = np.sqrt(np.mean((estimator.beta() - beta) ** 2))
     assert errors[True] < 0.5 * errors[False]
@@ -134,7 +137,7 @@ def test_windows_far_from_threshold_are_dropped():
     beta = np.ones((1, 2))
     windows, q, _ = synthetic(1, 2, 60, beta, 0.0, 0.0, noise=0.0)
     windows.u_max[:5] = 50.0  # |u_max - theta| > u_band: would break the lines if kept
-    estimator = OLSEstimator(1, 2, RDDParams(u_band=10.0))
+    estimator = OLSEstimator(1, 2, RDDParams(u_band=10.0, ols_adjust=False))
     estimator.add(windows, q, 0, DT)
     assert np.allclose(estimator.beta(), beta)
 
@@ -165,9 +168,99 @@ def test_lms_follows_reference_update_and_converges():
 def test_estimator_state_round_trip():
     beta = np.ones((2, 2))
     windows, q, _ = synthetic(2, 2, 30, beta, 0.1, 0.1, noise=0.1)
+    activity = np.random.default_rng(0).normal(size=(len(q), 2))
     for cls in (LMSEstimator, OLSEstimator):
         a = cls(2, 2, RDDParams())
-        a.add(windows, q, 0, DT)
+        a.add(windows, q, 0, DT, activity=activity)
         b = cls(2, 2, RDDParams())
         b.load_state_dict(a.state_dict())
         assert np.array_equal(a.beta(), b.beta())
+
+
+def test_filtered_twice_is_the_double_convolution():
+    p = LIFParams()
+    times, indices = np.array([0.004, 0.020]), np.array([1, 0])
+    twice = filtered_spikes(times, indices, 2, 0, 80, DT, p.tau_L, p.tau_s, times=2)
+    kappa_kappa = np.convolve(np.r_[0.0, p.kernel(80)], np.r_[0.0, p.kernel(80)])[:80]
+    expected = np.zeros((80, 2))
+    for t, i in zip(times, indices, strict=True):
+        m = int(round(t / DT))
+        expected[m:, i] += kappa_kappa[: 80 - m]
+    assert np.allclose(twice, expected)
+
+
+def adjusted_case(seed=0, n_in=20, n_out=3, per_neuron=60):
+    """Windows whose outcomes carry a known jump plus the linear effect of every driven neuron.
+
+    q = a @ effects + (the synthetic line of each window on its 30 steps), with ``a`` the
+    twice-filtered random spikes of the driven layer: the other neurons' part is large noise to
+    the plain estimator and predictable to the adjusted one.
+    """
+    rng = np.random.default_rng(seed)
+    beta = rng.normal(size=(n_in, n_out))
+    windows, lines, _ = synthetic(n_in, n_out, per_neuron, beta, 0.3, -0.2, 0.02, seed=seed)
+    n_steps = len(lines)
+    p = LIFParams()
+    spike_steps = np.flatnonzero(rng.random(n_steps * n_in) < 0.03)
+    activity = filtered_spikes(
+        (spike_steps // n_in) * DT, spike_steps % n_in, n_in, 0, n_steps, DT, p.tau_L, p.tau_s, 2
+    )
+    effects = rng.normal(size=(n_in, n_out)) * 3 / activity.std()
+    return windows, lines + activity @ effects, activity, beta
+
+
+def test_adjusted_ols_keeps_the_jump_and_removes_the_other_neurons_noise():
+    windows, q, activity, beta = adjusted_case(per_neuron=150)
+    errors, estimates = {}, {}
+    for adjust in (False, True):
+        estimator = OLSEstimator(*beta.shape, RDDParams(ols_adjust=adjust))
+        estimator.add(windows, q, 0, DT, activity=activity)
+        estimates[adjust] = estimator.beta()
+        errors[adjust] = np.sqrt(np.mean((estimates[adjust] - beta) ** 2))
+    # what remains is the neuron's own activity, which is never subtracted (1/20 of the noise)
+    assert errors[True] < 0.25 * errors[False]
+    assert np.corrcoef(estimates[True].ravel(), beta.ravel())[0, 1] > 0.9
+
+
+def test_adjusted_ols_regression_finds_the_effects_and_needs_activity():
+    windows, q, activity, beta = adjusted_case(seed=1)
+    estimator = OLSEstimator(*beta.shape, RDDParams())
+    with pytest.raises(ValueError, match="ols_adjust needs the driven layer's activity"):
+        estimator.add(windows, q, 0, DT)
+    # statistics accumulate over segments: the regression skips the steps before since_step
+    estimator.add(windows, q, 0, DT, activity=activity, since_step=0)
+    whole = estimator.effects_of_driven()
+    half = len(q) // 2
+    split = OLSEstimator(*beta.shape, RDDParams())
+    for start, stop in ((0, half), (half, len(q))):
+        inside = (windows.start >= start * DT) & (windows.end < stop * DT)
+        part = Windows(
+            *(getattr(windows, f)[inside] for f in ("neuron", "start", "end", "u_max", "spikes"))
+        )
+        first = max(start - 50, 0)  # 50 steps of history shared with the previous segment
+        split.add(part, q[first:stop], first, DT, activity=activity[first:stop], since_step=start)
+    assert np.allclose(split.effects_of_driven(), whole)
+
+
+def test_adjusted_ols_leaves_the_neurons_own_activity_alone():
+    # the effect of i's spike reaches q only through i's own activity: subtracting it would
+    # erase the jump, so the estimate must equal effects[i] times the outcome of one spike
+    rng = np.random.default_rng(4)
+    n_in, n_out = 10, 3
+    windows, _, _ = synthetic(n_in, n_out, 100, np.zeros((n_in, n_out)), 0.0, 0.0, 0.0, seed=4)
+    p = LIFParams()
+    n_steps = int(round(windows.end.max() / DT)) + 40
+    steps = np.flatnonzero(rng.random(n_steps * n_in) < 0.03)
+    times, neurons = (steps // n_in) * DT, steps % n_in
+    spiked = windows.spikes > 0  # each spiked window holds one spike of its neuron
+    times = np.r_[times, windows.start[spiked] + 2 * DT]
+    neurons = np.r_[neurons, windows.neuron[spiked]]
+    activity = filtered_spikes(times, neurons, n_in, 0, n_steps, DT, p.tau_L, p.tau_s, times=2)
+    effects = rng.normal(size=(n_in, n_out)) / activity.std()
+    q = activity @ effects
+    estimator = OLSEstimator(n_in, n_out, RDDParams())
+    estimator.add(windows, q, 0, DT, activity=activity)
+    one = Windows(np.array([0]), np.array([0.01]), np.array([0.04]), np.array([1.1]), np.ones(1))
+    impulse = filtered_spikes(np.array([0.012]), np.array([0]), 1, 0, 60, DT, 10e-3, 3e-3, 2)
+    expected = effects * window_outcomes(one, impulse, 0, DT)[0, 0]
+    assert np.corrcoef(estimator.beta().ravel(), expected.ravel())[0, 1] > 0.95
