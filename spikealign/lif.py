@@ -37,8 +37,10 @@ RDD windows (METHOD 4), kept per neuron of the driven layer: a window opens when
 recorded spikes of the layer above (:mod:`spikealign.rdd`).
 
 The program is built once per network shape with Brian2's ``cpp_standalone`` device and cached on
-disk; each segment of a phase reruns the compiled binary with new weights, state and seed through
-``run_args`` (no recompilation, also in later processes).
+disk with a manifest of its inputs and outputs; each segment of a phase runs the compiled binary
+directly with new weights, state and seed in Brian2's ``run_args`` format (no code generation or
+recompilation, also in later processes), in the background if the caller wants
+(:meth:`LIFProgram.start_segment`).
 """
 
 from __future__ import annotations

@@ -35,13 +35,7 @@ import numpy as np
 from spikealign.errors import UserError
 from spikealign.lif import LIFParams, LIFProgram, SegmentRecord, scaled_weights
 from spikealign.metrics import alignment
-from spikealign.rdd import (
-    ESTIMATORS,
-    RDDParams,
-    Windows,
-    filtered_spikes,
-    make_estimator,
-)
+from spikealign.rdd import ESTIMATORS, RDDParams, Windows, filtered_spikes, make_estimator
 
 UPDATES = ("rescale", "gradient")
 
