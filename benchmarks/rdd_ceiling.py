@@ -27,7 +27,7 @@ import numpy as np
 
 from spikealign.lif import LIFParams
 from spikealign.phase import FeedbackPhase, PhaseConfig, kaiming_uniform
-from spikealign.rdd import filtered_spikes
+from spikealign.rdd import Windows, filtered_spikes, window_outcomes
 from spikealign.spikelog import open_log
 
 
@@ -54,13 +54,12 @@ def layer_scores(log, fc: int, start: float, end: float, p: LIFParams) -> list[t
         *spikes_between(log, fc + 1, start, end), n_out, first, n_steps, p.dt, p.tau_L, p.tau_s
     )
     times, indices = spikes_between(log, fc, start, end)
-    # spike-triggered outcome: mean of q over the next 30 ms minus q at the spike
+    # spike-triggered outcome: METHOD 4's outcome of a 30 ms window opened at every spike
     length = round(p.window_length / p.dt)
-    steps = np.rint(times / p.dt).astype(np.int64) - first
-    keep = steps < n_steps - length
-    steps, triggers = steps[keep], indices[keep]
-    cumulative = np.cumsum(above, axis=0)
-    outcome = (cumulative[steps + length] - cumulative[steps]) / length - above[steps]
+    fits = np.rint(times / p.dt).astype(np.int64) - first < n_steps - length
+    opened, triggers = times[fits], indices[fits]
+    after_spikes = Windows(triggers, opened, opened + length * p.dt, opened * 0, triggers * 0 + 1)
+    outcome = window_outcomes(after_spikes, above, first, p.dt)
     triggered = np.zeros((n_in, n_out))
     np.add.at(triggered, triggers, outcome)
     triggered /= np.maximum(np.bincount(triggers, minlength=n_in), 1)[:, None]

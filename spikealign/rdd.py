@@ -277,8 +277,9 @@ class OLSEstimator:
         ridge = 1e-6 * max(np.trace(gram) / self.n_in, 1e-300)
         return np.linalg.solve(gram + ridge * np.eye(self.n_in), cross)
 
-    def outcome_sums(self) -> tuple[np.ndarray, np.ndarray]:
-        """(sum w dR, sum w x dR) per (side, i, k); with ``ols_adjust`` of the adjusted outcomes."""
+    def line_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """The sums the lines are fitted to: (sum w dR, sum w x dR) per (side, i, k), of the
+        adjusted outcomes with ``ols_adjust``."""
         if not self.params.ols_adjust:
             return self.sum_y, self.sum_xy
         effects = self.effects_of_driven()
@@ -292,7 +293,7 @@ class OLSEstimator:
 
     def lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Slopes and intercepts (side, i, k) and which neurons have both sides estimated."""
-        sum_y, sum_xy = self.outcome_sums()
+        sum_y, sum_xy = self.line_sums()
         n, sx, sxx = (self.scalar[..., c][..., None] for c in range(3))
         det = n * sxx - sx * sx
         # a side with one distinct x (or one sample) gets a flat line through its mean
@@ -319,7 +320,7 @@ class OLSEstimator:
         n0, sx0, sxx0 = n[1].sum(), sx[1].sum(), sxx[1].sum()
         if n0 <= 0:
             return np.zeros((self.n_in, self.n_out))
-        sum_y, sum_xy = self.outcome_sums()
+        sum_y, sum_xy = self.line_sums()
         sy0, sxy0 = sum_y[1].sum(0), sum_xy[1].sum(0)
         det0 = n0 * sxx0 - sx0 * sx0
         slope0 = (n0 * sxy0 - sx0 * sy0) / det0 if det0 > 1e-12 * n0 * sxx0 else 0.0 * sy0
