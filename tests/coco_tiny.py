@@ -1,7 +1,7 @@
 """A tiny COCO dataset for the detection tests: coloured rectangles of two categories, ids 3 and 7.
 
 Layout as COCO's: ``train2017/``, ``val2017/``, ``annotations/instances_{train,val}2017.json``.
-Train: 4 images, one of them with only a crowd box (skipped for training). Val: 3 images, one
+Train: 5 images, one of them with only a crowd box (skipped for training). Val: 3 images, one
 without any annotation (kept for evaluation).
 """
 
@@ -22,6 +22,7 @@ BOXES = {
         12: [(7, [10, 10, 6, 24], 0)],
         13: [(3, [20, 12, 18, 18], 0), (3, [2, 2, 10, 10], 0)],
         14: [(7, [5, 5, 20, 20], 1)],  # crowd only: no training box
+        15: [(3, [30, 8, 20, 20], 0), (7, [4, 2, 10, 34], 0)],
     },
     "val": {
         21: [(3, [6, 8, 14, 14], 0), (7, [34, 6, 8, 26], 0)],

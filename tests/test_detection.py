@@ -62,7 +62,7 @@ def test_categories_map_ids_to_contiguous_labels_and_back():
 
 def test_val_keeps_every_image_train_skips_images_without_boxes(coco_dir, val_set):
     train = detection.CocoBoxes(detection.load_coco(coco_dir, "train"), train=True)
-    assert train.image_ids == [11, 12, 13]  # 14 has only a crowd box
+    assert train.image_ids == [11, 12, 13, 15]  # 14 has only a crowd box
     assert val_set.image_ids == [21, 22, 23]  # 23 has no annotation
     image, target = val_set[2]
     assert image.shape == (3, 40, WIDTH) and target["boxes"].shape == (0, 4)

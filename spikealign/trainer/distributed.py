@@ -87,6 +87,14 @@ class Distributed:
         torch_dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, value: T) -> list[T]:
+        """Every rank's picklable ``value``, in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        gathered = [None] * self.world_size
+        torch_dist.all_gather_object(gathered, value)
+        return gathered
+
     def on_main(self, action: Callable[[], T]) -> T | None:
         """Run ``action`` on rank 0 only; a UserError it raises is raised on every rank."""
         message = None
