@@ -191,3 +191,13 @@ def test_torchrun_two_processes_keep_identical_parameters(coco_dir, tmp_path):
         assert torch.equal(rank0[key], saved[key]), key
     rows = read_csv(out / "metrics.csv")
     assert len(rows) == 1 and math.isfinite(float(rows[0]["train_loss"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_run(coco_dir, tmp_path):
+    out = tmp_path / "cuda"
+    argv = flags(coco_dir, out, "--rule", "usf", "--epochs", "1", "--amp")
+    argv[argv.index("--device") + 1] = "cuda"
+    detect_cli.main(argv)
+    row = read_csv(out / "metrics.csv")[0]
+    assert math.isfinite(float(row["train_loss"])) and 0.0 <= float(row["AP"]) <= 1.0

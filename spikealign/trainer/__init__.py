@@ -11,6 +11,8 @@ Modules, along the seams of a run:
   :func:`~spikealign.trainer.loop.run`);
 - :mod:`~spikealign.trainer.scores`: loss, error and mean average precision of a pass;
 - :mod:`~spikealign.trainer.classify`: image classification (the paper's net), :func:`train`;
+- :mod:`~spikealign.trainer.detect`: RetinaNet on COCO, ``train_detector`` (imported on its own:
+  ``from spikealign.trainer import detect``; torchvision's detection models are slow to import);
 - :mod:`~spikealign.trainer.plots`: figures and the summary table of run directories.
 
 The names below are the package's public interface (``from spikealign import trainer``).

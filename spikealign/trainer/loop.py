@@ -1,7 +1,7 @@
 """The epoch loop every training run shares: run directory, checkpoints, exact resume, metrics.
 
 A kind of run (classification in :mod:`spikealign.trainer.classify`, detection in
-:mod:`spikealign.detection`) subclasses :class:`EpochLoop` and says
+:mod:`spikealign.trainer.detect`) subclasses :class:`EpochLoop` and says
 
 - how to run one epoch and what it measured (:meth:`EpochLoop.run_epoch`, one metrics row),
 - what its checkpoint holds beyond the loop's own state (:meth:`EpochLoop.state_dict`, model and
