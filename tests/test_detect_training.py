@@ -84,7 +84,9 @@ def test_run_writes_one_ap_column_per_coco_figure(full_run):
         assert math.isnan(float(row["APm"])) and math.isnan(float(row["APl"]))  # small boxes only
     config = json.loads((full_run / "config.json").read_text())
     assert config["rule"] == "usf" and config["lr_milestones"] == [16, 22]
-    state = load_model_state(full_run)
+    checkpoint = torch.load(full_run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["data"] == {"category_ids": [3, 7], "train_images": 4, "test_images": 3}
+    state = checkpoint["model"]
     assert "head.classification_head.cls_logits.feedback_magnitude" in state  # converted: all
     assert "backbone.body.conv1.feedback" in state
 
@@ -134,6 +136,7 @@ def test_bad_input_is_one_line_and_writes_nothing(coco_dir, tmp_path, capsys):
         "--rule required": flags(coco_dir, out),
         "invalid choice": flags(coco_dir, out, "--rule", "fa", "--convert", "heads"),
         "below min_size": flags(coco_dir, out, "--rule", "fa", "--max-size", "16"),
+        "fewer than one batch": flags(coco_dir, out, "--rule", "fa", "--limit-train", "3"),
     }
     for needle, argv in cases.items():
         err = run_main(argv, capsys)

@@ -1,12 +1,13 @@
 """Tests of spikealign.detection: COCO data, RetinaNet, rule conversion and box AP.
 
 The data is the tiny COCO of tests/coco_tiny.py (categories 3 and 7). RetinaNet-R50 is built once
-per module and run on 40x56 images resized to at most 64 px, on the CPU.
+per module and run on 40x56 images resized to at most 48 px, on the CPU.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import warnings
 
@@ -14,13 +15,14 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.detection import retinanet_resnet50_fpn
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d
 
 from spikealign import detection, feedback
 from spikealign.errors import UserError
 from tests.coco_tiny import BOXES, CATEGORIES, COLOURS, WIDTH, write_tiny_coco
 
-MIN_SIZE, MAX_SIZE = 48, 64
+MIN_SIZE, MAX_SIZE = 32, 48
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +309,10 @@ def test_trunk_from_a_resnet50_training_checkpoint(tmp_path):
     assert isinstance(body.bn1, FrozenBatchNorm2d)
     assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
     assert body.layer2[0].conv1.weight.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # frozen batch norm has no weights to convert
+        detection.convert_retinanet(model, "usf")
+    assert not count_layers(model)[1]
 
     save_run_checkpoint(tmp_path / "r18.pt", resnet18(), "resnet18")
     with pytest.raises(UserError, match="holds a resnet18 model; RetinaNet needs a ResNet-50"):
@@ -316,3 +322,13 @@ def test_trunk_from_a_resnet50_training_checkpoint(tmp_path):
         detection.load_trunk(tmp_path / "junk.pt")
     with pytest.raises(UserError, match="no backbone checkpoint"):
         detection.load_trunk(tmp_path / "missing.pt")
+
+
+def test_convert_leaves_group_norm_of_v2_heads_exact():
+    head = RetinaNetHead(256, 9, 3, norm_layer=functools.partial(nn.GroupNorm, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        feedback.convert(head, "fa")
+    converted, plain = count_layers(head)
+    assert len(converted) == 10 and not plain  # 4 + 1 convs per head
+    assert sum(isinstance(m, nn.GroupNorm) for m in head.modules()) == 8

@@ -186,8 +186,11 @@ class DetectionData:
             )
         train.image_ids = _subset_ids(train.image_ids, config.limit_train)
         test.image_ids = _subset_ids(test.image_ids, config.limit_test)
-        if not train.image_ids:
-            raise UserError("no training image has a usable box; check the training annotations")
+        if len(train) < config.batch_size:
+            raise UserError(
+                f"{len(train)} training images with boxes, fewer than one batch of "
+                f"{config.batch_size}; lower --batch-size or raise --limit-train"
+            )
         return cls(train, test, trunk)
 
 
@@ -211,11 +214,6 @@ class Detection(loop.EpochLoop):
         self.data = data
         self.categories = data.train.categories
         local_batch = self.dist.local_batch_size(config.batch_size)
-        if len(data.train) < config.batch_size:
-            raise UserError(
-                f"{len(data.train)} training images, fewer than one batch of {config.batch_size}; "
-                "lower --batch-size or raise --limit-train"
-            )
         pin = self.device.type == "cuda"
         if self.dist.enabled:
             self.train_sampler = DistributedSampler(
