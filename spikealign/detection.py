@@ -223,7 +223,8 @@ class CocoBoxes(Dataset):
     ``target``: ``boxes`` (xyxy, float32), ``labels`` (1..K, int64), ``image_id`` (COCO's).
     ``train=True``: only images with at least one usable box, random horizontal flips
     (:func:`flip_coin`, set the epoch with :meth:`set_epoch`). ``train=False``: every image of the
-    split (or of ``image_ids``), unflipped. ``categories`` defaults to the split's own.
+    split, unflipped. ``image_ids`` (the COCO ids served, in order) may be narrowed to a subset.
+    ``categories`` defaults to the split's own.
     """
 
     def __init__(
