@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import random
 import statistics
 import sys
@@ -92,6 +93,8 @@ def retinanet_throughput(
 ) -> dict[str, dict[str, float]]:
     """{variant: {images_per_s, ratio}} for plain backprop and each rule (see module docstring).
 
+    A rule whose step raises a RuntimeError gets NaN figures and ``error`` (its first line).
+
     ``images_per_s`` is the median over rounds; ``ratio`` the median of the per-round ratios
     plain step time / variant step time (1.0 for plain).
     """
@@ -109,9 +112,16 @@ def retinanet_throughput(
         model.to(device).train()
         prepared[name] = (model, torch.optim.SGD(model.parameters(), 0.01, 0.9, weight_decay=1e-4))
     images, targets = synthetic_batch(batch_size, min_size, max_size, device)
-    for model, optimizer in prepared.values():
-        for _ in range(warmup):
-            _step(model, optimizer, images, targets, amp, device)
+    failed = {}
+    for name, (model, optimizer) in list(prepared.items()):
+        try:
+            for _ in range(warmup):
+                _step(model, optimizer, images, targets, amp, device)
+        except RuntimeError as err:  # e.g. a rule's layers under autocast: report, time the rest
+            if name == PLAIN:
+                raise
+            failed[name] = str(err).strip().splitlines()[0][:120]
+            del prepared[name]
     seconds = {name: [] for name in prepared}
     order = list(prepared)
     for _ in range(repeats):
@@ -125,6 +135,8 @@ def retinanet_throughput(
             "images_per_s": batch_size / statistics.median(samples),
             "ratio": statistics.median(ratios),
         }
+    for name, message in failed.items():
+        result[name] = {"images_per_s": math.nan, "ratio": math.nan, "error": message}
     return result
 
 
@@ -156,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         for name, figures in result.items():
             goal = ""
-            if name in GOAL_RULES:
+            if "error" in figures:
+                goal = f"failed: {figures['error']}"
+            elif name in GOAL_RULES:
                 goal = "ok" if figures["ratio"] >= GOAL else f"BELOW {GOAL:.2f}"
             print(
                 f"{name:<8} {'bf16' if amp else 'fp32':<5} {figures['images_per_s']:>9.2f} "
