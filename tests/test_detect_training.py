@@ -149,41 +149,17 @@ def test_resume_refuses_another_experiment(full_run, capsys):
     assert "another run" in err and "'usf' in the checkpoint" in err
 
 
-RANK_SCRIPT = """
-import sys, torch
-from pathlib import Path
-from spikealign.trainer import detect, distributed, loop
-from training.detect import build_parser, config_overrides
-
-args = build_parser().parse_args(sys.argv[1:])
-config = detect.DetectConfig(**config_overrides(args))
-data = detect.DetectionData.load(config)
-loops = []
-def make_loop(*positional):
-    loops.append(detect.Detection(*positional, data=data))
-    return loops[0]
-loop.run(make_loop, config, args.out, progress=False)
-rank = distributed.current().rank
-torch.save(loops[0].model.state_dict(), Path(args.out) / f"rank{rank}.pt")
-distributed.shutdown()
-"""
-
-
 def test_torchrun_two_processes_keep_identical_parameters(coco_dir, tmp_path):
-    out = tmp_path / "ddp"
-    script = tmp_path / "ranks.py"
-    script.write_text(RANK_SCRIPT)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", str(script),
+    out, states = tmp_path / "ddp", tmp_path / "states"
+    states.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--standalone", str(REPO / "tests" / "scripts" / "ddp_detect.py"), str(states),
                *flags(coco_dir, out, "--rule", "fa", "--epochs", "1")]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert result.stdout.count("run written to") == 1  # rank 0 alone reports
+    rank0, rank1 = (torch.load(states / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     saved = load_model_state(out)
     torch.manual_seed(0)  # the run's seed: its initial model
     initial = detection.build_retinanet(3, 32, 48).state_dict()
