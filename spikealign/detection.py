@@ -331,7 +331,7 @@ def load_trunk(path: str | Path) -> dict[str, Tensor]:
         held = f"a {arch} model" if arch else "a model that is not a torchvision ResNet-50"
         raise UserError(
             f"backbone checkpoint {path} holds {held}; RetinaNet needs a ResNet-50 trunk "
-            "(train one with python -m training.run --arch resnet50)"
+            "(the checkpoint.pt of a training.run of a torchvision resnet50)"
         )
     return trunk
 
