@@ -62,6 +62,11 @@ def synthetic_batch(batch_size: int, height: int, width: int, device, seed: int 
     return images, targets
 
 
+def detection_loss(model, images, targets):
+    """RetinaNet's training loss: focal classification loss + box regression loss."""
+    return sum(model(images, targets).values())
+
+
 def _step(model, optimizer, images, targets, amp: bool, device) -> float:
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -70,8 +75,7 @@ def _step(model, optimizer, images, targets, amp: bool, device) -> float:
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with autocast:
-        losses = model(images, targets)
-    loss = sum(losses.values())
+        loss = detection_loss(model, images, targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
