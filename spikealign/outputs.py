@@ -142,7 +142,8 @@ class OutputLock:
             os.close(self._descriptor)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -163,7 +164,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
         return removed
     for path in directory.iterdir():
         match = _TEMPORARY.match(path.name)
-        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

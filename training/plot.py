@@ -9,8 +9,7 @@ figures of every run as a table.
 from __future__ import annotations
 
 from spikealign import trainer
-from spikealign.errors import exit_on_user_error
-from training.run import OneLineParser
+from spikealign.errors import OneLineParser, exit_on_user_error
 
 
 def build_parser() -> OneLineParser:
