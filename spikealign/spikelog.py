@@ -648,6 +648,14 @@ class SpikeLog:
             for group in ("layers", "windows"):
                 if f"{group}/{name}" not in self._file:
                     raise _Damaged(f"/{group}/{name} is missing")
+        for fc, name in enumerate(self.fc_names):  # the matrices' shapes must agree with sizes
+            group = self._file.get(f"weights/{name}")
+            shape = (self.sizes[fc + 1], self.sizes[fc])
+            for key in WEIGHT_NAMES if group is not None else ():
+                if key in group and group[key].shape != shape:
+                    raise _Damaged(
+                        f"/weights/{name}/{key} has shape {group[key].shape}, but sizes say {shape}"
+                    )
         if self.version == 1:
             status = self._file["status"].attrs
             self.complete = bool(status["complete"])

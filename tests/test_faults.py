@@ -207,3 +207,284 @@ def test_writer_killed_at_random_moments_leaves_exactly_a_committed_prefix(tmp_p
     # the kills landed at many different points, and no log was lost
     assert len(set(partials)) >= 4
     assert "refused" not in killed
+
+
+# -- one line, exit 2, nothing changed ----------------------------------------------------------
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` with its bytes."""
+    return {
+        str(path.relative_to(directory)): path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def one_line_error(main, argv, capsys, directory: Path | None = None) -> str:
+    """Run an entry point in-process; it must exit 2 with one ``error:`` line on stderr and
+    leave the files under ``directory`` unchanged. Returns the line."""
+    before = snapshot(directory) if directory is not None else None
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    if directory is not None:
+        assert snapshot(directory) == before
+    return err
+
+
+def small_log(path: Path) -> Path:
+    with SpikeLogWriter(path, [4, 3], 1e-3, {}, seed=0) as log:
+        log.append_spikes(0, [0.1, 0.5], [3, 1])
+        log.append_spikes(1, [0.6], [2])
+        log.append_schedule(0, 0.0, 1.0)
+        log.flush(1.0)
+        log.write_weights(0, W=np.ones((3, 4)))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A directory of files that exist before each bad command: a log, weights, a plain file."""
+    root = tmp_path / "before"
+    root.mkdir()
+    small_log(root / "log.h5")
+    rng = np.random.default_rng(0)
+    np.savez(root / "w.npz", W1=rng.normal(size=(6, 8)), W2=rng.normal(size=(2, 6)))
+    (root / "file").write_text("a file, not a directory")
+    (root / "dir.h5").mkdir()
+    return root
+
+
+def npz(root: Path, name: str, **arrays) -> str:
+    np.savez(root / name, **arrays)
+    return str(root / name)
+
+
+def test_rdd_phase_argument_mistakes_are_one_line(files, capsys):
+    from sims import rdd_phase
+
+    for argv, needle in [
+        (["--estimator", "bogus"], "invalid choice: 'bogus'"),
+        (["--duration", "ten"], "invalid float value: 'ten'"),
+        (["--weights", "a.npz", "--sizes", "4,3"], "not allowed with argument"),
+        (["--no-such-flag"], "unrecognized arguments"),
+    ]:
+        assert needle in one_line_error(rdd_phase.main, argv, capsys, files)
+
+
+def test_inspect_argument_mistakes_are_one_line(files, capsys):
+    from sims import inspect
+
+    assert "required: log" in one_line_error(inspect.main, [], capsys, files)
+    assert "unrecognized" in one_line_error(inspect.main, ["x.h5", "--bogus"], capsys, files)
+
+
+def test_output_paths_are_checked_before_any_work(files, capsys):
+    from sims import inspect, rdd_phase
+
+    weights = ["--weights", str(files / "w.npz"), "--no-progress"]
+    cases = [
+        (["--log", str(files / "dir.h5")], "--log", "is a directory"),
+        (["--log", str(files / "file" / "x.h5")], "--log", "is a file, not a directory"),
+        (["--summary-json", str(files / "dir.h5")], "--summary-json", "is a directory"),
+        (["--summary-json", str(files / "file" / "s.json")], "--summary-json", "not a directory"),
+        (["--out-weights", str(files / "dir.h5")], "--out-weights", "is a directory"),
+        (["--out-weights", str(files / "file" / "w.npz")], "--out-weights", "not a directory"),
+        (["--cache-dir", str(files / "file")], "--cache-dir", "is a file; give a directory"),
+        (["--cache-dir", str(files / "file" / "c")], "--cache-dir", "not a directory"),
+    ]
+    for argv, flag, needle in cases:
+        start = time.perf_counter()
+        err = one_line_error(rdd_phase.main, [*weights, *argv], capsys, files)
+        assert flag in err and needle in err, err
+        assert time.perf_counter() - start < 5  # refused before the phase ran
+    log = str(files / "log.h5")
+    err = one_line_error(inspect.main, [log, "--plot", str(files / "file")], capsys, files)
+    assert "--plot" in err and "is a file" in err
+    err = one_line_error(inspect.main, [log, "--plot", str(files / "file" / "p")], capsys, files)
+    assert "not a directory" in err
+
+
+def test_numbers_that_make_no_sense_are_refused(files, capsys):
+    from sims import rdd_phase
+
+    cases = [
+        (["--seed", "-1"], "seed must be in [0, 2**31)"),
+        (["--seed", str(2**31)], "seed must be in [0, 2**31)"),
+        (["--duration", "nan"], "duration must be a positive number"),
+        (["--duration", "inf"], "duration must be a positive number"),
+        (["--sizes", "200000,200000,10"], "GiB of memory, more than this machine's"),
+        (["--sizes", "40,20", "--duration", "1e13"], "GiB of memory, more than this machine's"),
+        (["--sizes", "40,-2"], "--sizes needs at least two positive sizes"),
+    ]
+    for argv, needle in cases:
+        assert needle in one_line_error(rdd_phase.main, [*argv, "--no-progress"], capsys, files)
+
+
+def test_weights_that_cannot_be_learned_from_are_refused(files, capsys):
+    from sims import rdd_phase
+
+    rng = np.random.default_rng(1)
+    W1, W2 = rng.normal(size=(6, 8)), rng.normal(size=(2, 6))
+    cases = [
+        (dict(W1=np.zeros((6, 8)), W2=W2), "weight of fc1 is all zero"),
+        (dict(W1=W1, W2=np.full((2, 6), 3.0)), "weight of fc2 is constant"),
+        (dict(W1=W1, W2=W2, Y1=np.zeros((6, 8)), Y2=W2), "feedback of fc1 is all zero"),
+        (dict(W1=W1 * 1j, W2=W2), "must hold real numbers, got dtype complex128"),
+        (dict(W1=W1.astype(str), W2=W2), "must hold real numbers, got dtype <U"),
+        (dict(W1=W1 * 1e307, W2=W2), "too large to rescale"),
+        (dict(W1=W1 * 1e-322, W2=W2), "too small to rescale"),
+    ]
+    for number, (arrays, needle) in enumerate(cases):
+        path = npz(files.parent, f"bad{number}.npz", **arrays)
+        err = one_line_error(rdd_phase.main, ["--weights", path, "--no-progress"], capsys, files)
+        assert needle in err, err
+
+
+def test_summary_json_is_strict_json():
+    import json
+
+    from sims.rdd_phase import json_safe
+
+    summary = {"layers": [{"angle_deg": float("nan"), "norm_ratio": np.float64("inf")}], "s": 1.5}
+    text = json.dumps(json_safe(summary), allow_nan=False)
+    assert json.loads(text) == {"layers": [{"angle_deg": None, "norm_ratio": None}], "s": 1.5}
+
+
+def tamper(path: Path, change) -> Path:
+    import h5py
+
+    with h5py.File(path, "r+") as file:
+        change(file)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda f: f.attrs.modify("sizes", np.array([4, 300])), "but sizes say (300, 4)"),
+        (lambda f: f["layers/L1/spike_indices"].__setitem__(0, 3), "[0] = 3 is not in 0..2"),
+        (lambda f: f.attrs.modify("layer_names", ["A", "B"]), "do not match sizes"),
+        (lambda f: f.attrs.modify("dt", -1.0), "dt = -1.0"),
+        (lambda f: f["layers/L0/spike_indices"].__setitem__(0, 1_860_000_000), "not in 0..3"),
+        (lambda f: f["layers/L0/spike_times"].__setitem__(1, 7.0), "outside the 0..1 s"),
+        (lambda f: f["schedule/layer"].__setitem__(0, 5), "/schedule/layer[0] = 5"),
+        (lambda f: f["status/commits"].resize((0,)), "nothing was committed"),
+    ],
+)
+def test_inconsistent_logs_are_reported_damaged(files, tmp_path, capsys, change, needle):
+    from sims import inspect
+
+    path = tamper(small_log(tmp_path / "tampered.h5"), change)
+    err = one_line_error(inspect.main, [str(path)], capsys, files)
+    assert "is a damaged spike log" in err and needle in err, err
+
+
+def test_damaged_chunk_fails_its_checksum(tmp_path, capsys):
+    from sims import inspect
+
+    path = tmp_path / "big.h5"
+    rng = np.random.default_rng(0)
+    with SpikeLogWriter(path, [500, 3], 1e-3, {}, seed=0) as log:
+        log.append_spikes(0, np.sort(rng.uniform(0, 1, 20000)), rng.integers(0, 500, 20000))
+        log.flush(1.0)
+    import h5py
+
+    with h5py.File(path, "r") as file:
+        offset = file["layers/L0/spike_times"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as handle:  # one flipped byte inside the chunk, as a torn write would
+        handle.seek(offset + 100)
+        byte = handle.read(1)
+        handle.seek(offset + 100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    err = one_line_error(inspect.main, [str(path)], capsys)
+    assert "is a damaged spike log" in err
+
+
+# -- one writer per output ----------------------------------------------------------------------
+
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from spikealign.outputs import OutputLock
+    from spikealign.spikelog import SpikeLogWriter
+    kind, path = sys.argv[1:]
+    if kind == "log":
+        writer = SpikeLogWriter(path, [4, 3], 1e-3, {}, seed=0)
+        writer.append_spikes(0, [0.1], [1])
+        writer.flush(1.0)
+    else:
+        lock = OutputLock(path, path, "--out")
+    print("holding", flush=True)
+    sys.stdin.readline()
+    if kind == "log":
+        writer.close()
+    """
+)
+
+
+def hold(kind: str, path: Path) -> subprocess.Popen:
+    """A separate process that owns ``path`` (a spike log, or a run directory's lock file)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, kind, str(path)],
+        cwd=REPO,
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+def test_second_writer_of_a_log_stops_at_once(tmp_path, capsys):
+    from sims import rdd_phase
+
+    log = tmp_path / "same.h5"
+    holder = hold("log", log)
+    try:
+        argv = ["--sizes", "8,4", "--duration", "1", "--log", str(log), "--no-progress"]
+        err = one_line_error(rdd_phase.main, argv, capsys, tmp_path)  # the .partial untouched
+        assert err == (
+            f"error: {log} is in use by another process (pid {holder.pid}); wait for it to end "
+            "or choose another log path\n"
+        )
+        with open_log(f"{log}.partial") as reader:  # readable while it is being written
+            assert reader.simulated_until == 1.0 and not reader.complete
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert holder.returncode == 0
+    with open_log(log) as reader:
+        assert reader.complete
+    assert not (tmp_path / "same.h5.lock").exists()
+
+
+def test_second_training_run_on_one_out_stops_and_killed_runs_leave_nothing(tmp_path, capsys):
+    from spikealign.trainer import rundir
+    from training import run as run_cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = hold("run", out / rundir.LOCK_FILE)
+    argv = ["--dataset", "digits", "--rule", "bp", "--epochs", "1", "--device", "cpu",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    try:
+        err = one_line_error(run_cli.main, argv, capsys, out)
+        assert f"run directory {out} is in use by another process (pid {holder.pid})" in err
+        assert "choose another --out" in err
+        err = one_line_error(run_cli.main, ["--resume", "--out", str(out)], capsys, out)
+        assert "is in use by another process" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    # A temporary file of the killed process is deleted by the next owner; the lock is free.
+    stale = out / f".checkpoint.pt.{holder.pid}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    live = out / f".metrics.csv.{os.getpid()}.tmp"
+    live.write_text("being written by this process")
+    with rundir.lock_run_dir(out):
+        assert not stale.exists() and live.exists()
