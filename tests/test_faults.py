@@ -488,3 +488,143 @@ def test_second_training_run_on_one_out_stops_and_killed_runs_leave_nothing(tmp_
     live.write_text("being written by this process")
     with rundir.lock_run_dir(out):
         assert not stale.exists() and live.exists()
+
+
+# -- training -----------------------------------------------------------------------------------
+
+TRAIN = ["--dataset", "digits", "--rule", "fa", "--epochs", "1", "--device", "cpu", "--no-progress"]
+
+
+def test_training_numbers_that_make_no_sense_are_refused(files, capsys):
+    from training import run as run_cli
+
+    out = ["--out", str(files / "run")]
+    cases = [
+        (["--lr", "nan"], "lr must be a finite number, got nan"),
+        (["--lr", "inf"], "lr must be a finite number, got inf"),
+        (["--momentum", "nan"], "momentum must be a finite number"),
+        (["--momentum", "1.5"], "momentum must lie in [0, 1)"),
+        (["--weight-decay", "nan"], "weight_decay must be a finite number"),
+        (["--feedback-scale", "nan"], "feedback_scale must be a finite number"),
+        (["--feedback-scale", "-1"], "feedback_scale must be positive"),
+        (["--feedback-scale", "0"], "feedback_scale must be positive"),
+        (["--seed", str(2**70)], "seed must lie in [0, 2**63)"),
+        (["--seed", "-1"], "seed must lie in [0, 2**63)"),
+        (["--batch-size", "1"], "batch norm needs more than one example"),
+        (["--rule", "rdd", "--rdd-time", "nan"], "rdd_time must be a finite number"),
+    ]
+    for argv, needle in cases:
+        assert needle in one_line_error(run_cli.main, [*TRAIN, *argv, *out], capsys, files)
+    assert not (files / "run").exists()
+
+
+def fake_run(out: Path, seed: int, config_seed: int) -> None:
+    """A run directory whose checkpoint is of ``seed`` and whose config.json of ``config_seed``."""
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from spikealign import trainer
+    from spikealign.trainer import rundir
+
+    out.mkdir()
+    config = asdict(trainer.TrainConfig(dataset="digits", rule="fa", epochs=1, device="cpu"))
+    checkpoint = {"format": rundir.CHECKPOINT_FORMAT, "config": config | {"seed": seed}}
+    torch.save(checkpoint | {"epoch": 1}, out / trainer.CHECKPOINT_FILE)
+    (out / trainer.CONFIG_FILE).write_text(json.dumps(config | {"seed": config_seed}))
+
+
+def test_resume_into_another_runs_directory_is_refused(tmp_path, capsys):
+    from training import run as run_cli
+
+    mixed, other = tmp_path / "mixed", tmp_path / "other"
+    fake_run(mixed, seed=2, config_seed=1)  # two runs wrote into one directory
+    err = one_line_error(run_cli.main, ["--resume", "--epochs", "2", "--out", str(mixed)], capsys)
+    assert "holds files of two runs (seed: 1 in config.json, 2 in checkpoint.pt)" in err
+    fake_run(other, seed=2, config_seed=2)
+    argv = ["--resume", "--seed", "7", "--epochs", "2", "--out", str(other)]
+    err = one_line_error(run_cli.main, argv, capsys, tmp_path)
+    assert "is of another run (seed: 2 in the checkpoint, 7 asked)" in err
+
+
+def test_training_plot_errors_are_one_line(tmp_path, capsys):
+    import json
+    from dataclasses import asdict
+
+    from spikealign import trainer
+    from training import plot
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = asdict(trainer.TrainConfig(dataset="digits", rule="fa"))
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_error": 0.5}) + "\n")
+    (tmp_path / "file").write_text("")
+    cases = [
+        ([str(run), "--out", str(tmp_path / "file")], "--out"),
+        ([str(run), "--out", str(tmp_path / "fig")], "line 1 lacks train_loss"),
+        ([str(tmp_path / "nowhere")], "is not a training run directory"),
+    ]
+    for argv, needle in cases:
+        assert needle in one_line_error(plot.main, argv, capsys, tmp_path)
+    (run / "metrics.jsonl").write_text("[1, 2]\n")
+    assert "cannot read the run" in one_line_error(plot.main, [str(run)], capsys, tmp_path)
+    (run / "config.json").write_text(json.dumps(config | {"lr": "fast"}))
+    err = one_line_error(plot.main, [str(run)], capsys, tmp_path)
+    assert "config field lr = 'fast' is not of type float" in err
+
+
+# -- the first build of the LIF program ---------------------------------------------------------
+
+
+def _process_group(pgid: int) -> dict[int, str]:
+    """pid -> command name of every process in a process group (from /proc)."""
+    members = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members[int(entry.name)] = name
+    return members
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_killed_build_leaves_no_compiler_running(tmp_path):
+    from spikealign import lif
+
+    cache = tmp_path / "cache"
+    code = "import sys; from spikealign import lif; lif.LIFProgram([7, 5], 0.05, None, sys.argv[1])"
+    parent = subprocess.Popen([sys.executable, "-c", code, str(cache)], cwd=REPO, env=ENV)
+    try:
+        deadline, worker, compiling = time.monotonic() + 180, None, False
+        while time.monotonic() < deadline and not compiling:
+            assert parent.poll() is None, "the build finished before it could be killed"
+            worker = worker or next(iter(_children(parent.pid)), None)
+            if worker is not None:
+                names = set(_process_group(worker).values())
+                compiling = bool(names & {"make", "g++", "cc1plus", "c++", "gcc", "as", "ld"})
+            time.sleep(0.05)
+        assert compiling, "the build never started the compiler"
+    finally:
+        parent.kill()  # SIGKILL: no Python code of the parent runs
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _process_group(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _process_group(worker) == {}
+    # The killed build's staging directory is deleted by the next build of any shape.
+    (staging,) = list(cache.rglob(f"lif_7-5_*.{parent.pid}.*"))
+    lif._remove_dead_staging(staging.parent / staging.name.split(".")[0])
+    assert not staging.exists()

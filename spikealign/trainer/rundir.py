@@ -32,7 +32,12 @@ import torch
 
 from spikealign.errors import UserError
 from spikealign.outputs import OutputLock, lock_holder, remove_stale_temporaries
-from spikealign.trainer.config import TrainConfig, check_same_experiment
+from spikealign.trainer.config import (
+    ALIGNMENT_KEYS,
+    FC_LAYERS,
+    TrainConfig,
+    check_same_experiment,
+)
 
 #: Version of the checkpoint layout; a checkpoint of another version is refused.
 CHECKPOINT_FORMAT = 1
@@ -137,7 +142,27 @@ def read_run(run_dir: str | Path) -> RunRecord:
     except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as err:
         reason = " ".join(str(err).split())
         raise UserError(f"cannot read the run in {run_dir}: {reason}") from None
+    _check_rows(rows, metrics_path)
     return RunRecord(run_dir, config, rows)
+
+
+def _check_rows(rows: list[dict], path: Path) -> None:
+    """Every metrics row holds the numbers the figures and the table use."""
+    for number, row in enumerate(rows, 1):
+        score = "map" if "test_map" in row else "error"
+        needed = ["epoch", "train_loss", f"train_{score}", "test_loss", f"test_{score}"]
+        needed += [f"{layer}_{key}" for layer in FC_LAYERS for key in ALIGNMENT_KEYS]
+        missing = [key for key in needed if key not in row]
+        wrong = [
+            key
+            for key in needed
+            if key in row and (isinstance(row[key], bool) or not isinstance(row[key], int | float))
+        ]
+        if missing or wrong:
+            problem = f"lacks {', '.join(missing)}" if missing else f"has non-numbers in {wrong}"
+            raise UserError(
+                f"{path} line {number} {problem}; it was not written by python -m training.run"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
