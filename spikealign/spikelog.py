@@ -717,8 +717,8 @@ class SpikeLog:
         return _MAX_COMPRESSION * self._file_size // itemsize + 1
 
     def _column(self, column_path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(values, lower, upper): the committed entries of a column and, for each, the start
-        and end of the simulated time its flush covered."""
+        """(values, counts, lower, upper): the committed entries of a column, and per flush
+        that added entries their number and the start and end of the simulated time it covered."""
         try:
             dataset = self._file[column_path]
         except KeyError:
@@ -729,9 +729,7 @@ class SpikeLog:
             count = dataset.shape[0]
             self._check_count(column_path, count, dataset.dtype.itemsize)
             values = dataset[()]
-            lower = np.zeros(count)
-            upper = np.full(count, self.simulated_until)
-            return values, lower, upper
+            return values, np.array([count]), np.zeros(1), np.array([self.simulated_until])
         index = self._columns.get(column_path)
         if index is None:
             raise _Damaged(f"/{column_path} is not in the commit table")
@@ -744,13 +742,11 @@ class SpikeLog:
         nonempty = np.flatnonzero(counts)
         if len(nonempty) == 0:
             empty = np.zeros(0)
-            return np.zeros(0, dataset.dtype), empty, empty
+            return np.zeros(0, dataset.dtype), empty.astype(np.int64), empty, empty
         first, last = int(starts[nonempty[0]]), int(ends[nonempty[-1]])
         span = dataset[first:last]  # holes between flushes are shorter than a chunk each
         values = np.concatenate([span[starts[k] - first : ends[k] - first] for k in nonempty])
-        lower = np.repeat(flush_start[nonempty], counts[nonempty])
-        upper = np.repeat(until[nonempty], counts[nonempty])
-        return values, lower, upper
+        return values, counts[nonempty], flush_start[nonempty], until[nonempty]
 
     def _check_count(self, column_path: str, count: int, itemsize: int) -> None:
         limit = self._limit(column_path, itemsize)
@@ -764,7 +760,7 @@ class SpikeLog:
         try:
             table, bounds = {}, None
             for column, dtype in columns.items():
-                values, lower, upper = self._column(f"{group_path}/{column}")
+                values, counts, lower, upper = self._column(f"{group_path}/{column}")
                 if values.dtype != np.dtype(dtype):
                     raise _Damaged(f"/{group_path}/{column} has dtype {values.dtype}")
                 if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
@@ -773,16 +769,25 @@ class SpikeLog:
                     raise _Damaged(f"the columns of /{group_path} have different lengths")
                 table[column] = values
                 if _time_column(f"{group_path}/{column}"):
-                    bounds = (column, lower, upper)
+                    bounds = (column, counts, lower, upper)
             if bounds is not None:
-                column, lower, upper = bounds
-                outside = (table[column] < lower - self.dt) | (table[column] > upper + self.dt)
-                if outside.any():
-                    first = int(np.flatnonzero(outside)[0])
-                    raise _Damaged(
-                        f"/{group_path}/{column}[{first}] = {table[column][first]:g} s lies "
-                        f"outside the {lower[first]:g}..{upper[first]:g} s its flush covered"
-                    )
+                column, counts, lower, upper = bounds
+                values = table[column]
+                if len(values):  # every entry inside the time its flush covered
+                    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+                    low = np.minimum.reduceat(values, offsets) < lower - self.dt
+                    high = np.maximum.reduceat(values, offsets) > upper + self.dt
+                    if low.any() or high.any():
+                        flush = int(np.flatnonzero(low | high)[0])
+                        piece = values[offsets[flush] : offsets[flush] + counts[flush]]
+                        outside = (piece < lower[flush] - self.dt) | (
+                            piece > upper[flush] + self.dt
+                        )
+                        first = int(offsets[flush] + np.flatnonzero(outside)[0])
+                        raise _Damaged(
+                            f"/{group_path}/{column}[{first}] = {values[first]:g} s lies outside "
+                            f"the {lower[flush]:g}..{upper[flush]:g} s its flush covered"
+                        )
             return table
         except (_Damaged, KeyError, OSError, ValueError) as err:
             raise self._damaged(err) from None
