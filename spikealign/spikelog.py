@@ -52,7 +52,12 @@ import h5py
 import numpy as np
 
 from spikealign.errors import UserError
-from spikealign.outputs import OutputLock, check_output_file, lock_holder
+from spikealign.outputs import (
+    OutputLock,
+    check_output_file,
+    lock_holder,
+    remove_stale_temporaries,
+)
 
 FORMAT = "spikealign.spikelog"
 VERSION = 2  # 2: SWMR, chunk-aligned flushes, /status/commits; 1 is still read
@@ -190,19 +195,26 @@ class SpikeLogWriter:
         check_output_file(self.path, "spike log")
         self._lock = OutputLock(lock_path(self.path), self.path, "log path")
         self._file: h5py.File | None = None
+        # Created under a temporary name and renamed once it holds its first commit: a
+        # .partial file always has one. A killed creation leaves the temporary file, which the
+        # next writer in the directory deletes.
+        creating = self.path.with_name(f".{self.partial_path.name}.{os.getpid()}.tmp")
         try:
             self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.partial_path.parent)
             # libver "latest" for SWMR; HDF5 file locking off: our own lock says who writes
-            self._file = h5py.File(self.partial_path, "w", libver="latest", locking=False)
+            self._file = h5py.File(creating, "w", libver="latest", locking=False)
             self._create_layout(self.dt, params_text, int(seed))
             self._commit(complete=False)
             self._file.swmr_mode = True  # from here on the file is consistent at every write
             self._file.flush()
-            _fsync(self.partial_path)
+            _fsync(creating)
+            os.replace(creating, self.partial_path)  # HDF5 keeps writing through its descriptor
         except BaseException:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+            creating.unlink(missing_ok=True)
             self._lock.release()
             raise
 
