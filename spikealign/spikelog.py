@@ -595,6 +595,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _check_stored(dataset: h5py.Dataset, count: int, where: str) -> None:
+    """``count`` entries must fit in what the file stores for the dataset (compressed at most
+    ~1032:1 by deflate, plus one chunk of fill values): no unbounded read of unwritten space."""
+    chunk = int(np.prod(dataset.chunks)) if dataset.chunks else 0
+    stored = dataset.id.get_storage_size()
+    if (count - chunk) * dataset.dtype.itemsize > _MAX_COMPRESSION * stored:
+        raise _Damaged(f"/{where} claims {count} entries but the file stores only {stored} bytes")
+
+
 class _Damaged(Exception):
     """Internal: what is wrong with a log; SpikeLog turns it into a UserError naming the file."""
 
@@ -739,7 +748,7 @@ class SpikeLog:
             raise _Damaged(f"/{column_path} is not a 1-D dataset")
         if self._commits is None:  # version 1: the whole dataset, flushed up to simulated_until
             count = dataset.shape[0]
-            self._check_count(column_path, count, dataset.dtype.itemsize)
+            self._check_count(column_path, count, dataset)
             values = dataset[()]
             return values, np.array([count]), np.zeros(1), np.array([self.simulated_until])
         index = self._columns.get(column_path)
@@ -748,7 +757,7 @@ class SpikeLog:
         rows = self._commits
         starts, ends = rows["start"][:, index], rows["end"][:, index]
         counts = ends - starts
-        self._check_count(column_path, int(counts.sum()), dataset.dtype.itemsize)
+        self._check_count(column_path, int(counts.sum()), dataset)
         until = rows["simulated_until"]
         flush_start = np.concatenate([[0.0], until[:-1]])
         nonempty = np.flatnonzero(counts)
@@ -760,12 +769,13 @@ class SpikeLog:
         values = np.concatenate([span[starts[k] - first : ends[k] - first] for k in nonempty])
         return values, counts[nonempty], flush_start[nonempty], until[nonempty]
 
-    def _check_count(self, column_path: str, count: int, itemsize: int) -> None:
-        limit = self._limit(column_path, itemsize)
+    def _check_count(self, column_path: str, count: int, dataset: h5py.Dataset) -> None:
+        limit = self._limit(column_path, dataset.dtype.itemsize)
         if count > limit:
             raise _Damaged(
                 f"/{column_path} claims {count} entries, more than the {limit} its attributes allow"
             )
+        _check_stored(dataset, count, column_path)
 
     def _table(self, group_path: str, columns: dict) -> dict[str, np.ndarray]:
         """Read and check a table; a damaged log raises a one-line UserError."""
@@ -881,6 +891,7 @@ class SpikeLog:
                 dataset = self._file[f"weights/{name}/{key}"]
                 if dataset.shape != shape:
                     raise _Damaged(f"/weights/{name}/{key} has shape {dataset.shape}, not {shape}")
+                _check_stored(dataset, dataset.size, f"weights/{name}/{key}")
                 matrices[key] = dataset[()]
             return matrices
         except (_Damaged, KeyError, OSError, ValueError) as err:

@@ -366,6 +366,23 @@ def tamper(path: Path, change) -> Path:
     return path
 
 
+def claim(file, column: str, count: int) -> None:
+    """Make the last commit claim ``count`` entries of ``column`` (and the dataset hold them)."""
+    dataset = file[column]
+    dataset.resize((count,))
+    for other in dataset.parent.values():  # the table's columns keep one length
+        other.resize((count,))
+    commits = file["status/commits"]
+    rows = commits[()]
+    columns = [
+        name.decode() if isinstance(name, bytes) else name for name in commits.attrs["columns"]
+    ]
+    for index, name in enumerate(columns):
+        if name.startswith(column.rpartition("/")[0] + "/"):
+            rows["end"][-1, index] = count
+    commits[...] = rows
+
+
 @pytest.mark.parametrize(
     "change, needle",
     [
@@ -377,6 +394,8 @@ def tamper(path: Path, change) -> Path:
         (lambda f: f["layers/L0/spike_times"].__setitem__(1, 7.0), "outside the 0..1 s"),
         (lambda f: f["schedule/layer"].__setitem__(0, 5), "/schedule/layer[0] = 5"),
         (lambda f: f["status/commits"].resize((0,)), "nothing was committed"),
+        (lambda f: claim(f, "layers/L0/spike_times", 10**9), "more than the 4004 its attributes"),
+        (lambda f: claim(f, "schedule/end", 5 * 10**6), "but the file stores only"),
     ],
 )
 def test_inconsistent_logs_are_reported_damaged(files, tmp_path, capsys, change, needle):
