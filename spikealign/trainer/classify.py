@@ -193,6 +193,12 @@ class Training(loop.EpochLoop):
         config, dist = self.config, self.dist
         pin = self.device.type == "cuda"
         batch_size = dist.local_batch_size(config.batch_size)
+        if batch_size < 2:
+            raise UserError(
+                f"batch size {config.batch_size} over {dist.world_size} processes leaves "
+                f"{batch_size} example per process; batch norm needs at least 2, so use "
+                f"--batch-size {2 * dist.world_size} or more"
+            )
         # drop_last: a last batch of one example would break batch norm; the examples left out
         # differ from epoch to epoch.
         if dist.enabled:
