@@ -34,6 +34,7 @@ thresholds 0.50:0.05:0.95, AP50, AP75, and AP for small (< 32^2 px), medium and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -121,9 +122,12 @@ class Categories:
         """Classes of the model: the K categories plus the background index 0."""
         return len(self.ids) + 1
 
+    @functools.cached_property
+    def _label_of(self) -> dict[int, int]:
+        return {category_id: label for label, category_id in enumerate(self.ids, start=1)}
+
     def labels(self, category_ids: Iterable[int]) -> list[int]:
-        index = {category_id: label for label, category_id in enumerate(self.ids, start=1)}
-        return [index[category_id] for category_id in category_ids]
+        return [self._label_of[category_id] for category_id in category_ids]
 
     def category_ids(self, labels: Iterable[int]) -> list[int]:
         return [self.ids[label - 1] for label in labels]
