@@ -50,6 +50,9 @@ attaches a tensor hook to the model's output. Autograd runs that tensor hook whe
 the output is ready, i.e. before the output's grad_fn runs; every converted layer is upstream of
 that grad_fn, so e is stored before any layer's backward reads it.
 
+``xiao2019_feedback(model)`` replaces the usf, fa and frsf feedback of a converted model by the
+scales of Xiao et al. (2019)'s code (METHOD 8; see its docstring).
+
 ``step_feedback(model)`` (call after every optimiser step) applies the wm and kp updates with the
 hyperparameters given to ``convert``; brsf redraws M inside every backward pass by itself.
 """
@@ -84,6 +87,7 @@ __all__ = [
     "feedback_layers",
     "make_rule",
     "step_feedback",
+    "xiao2019_feedback",
 ]
 
 
@@ -1056,3 +1060,49 @@ def step_feedback(model: nn.Module) -> None:
     """
     for _, layer in feedback_layers(model):
         layer.feedback_rule.step(layer)
+
+
+#: rules whose feedback ``xiao2019_feedback`` sets (the ones in Xiao et al.'s code)
+XIAO2019_RULES = ("usf", "fa", "frsf")
+
+
+def xiao2019_scale(layer: nn.Module) -> float:
+    """Xiao et al.'s per-layer constant c: conv sqrt(2 / (k_h k_w out_channels)) (He fan-out std,
+    torchvision's ResNet conv init), linear 1 / sqrt(in_features)."""
+    if isinstance(layer, nn.Conv2d):
+        k_h, k_w = layer.kernel_size
+        return math.sqrt(2.0 / (k_h * k_w * layer.out_channels))
+    return 1.0 / math.sqrt(layer.in_features)
+
+
+@torch.no_grad()
+def xiao2019_feedback(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Give the usf, fa and frsf layers of ``model`` the feedback of Xiao et al. (2019)'s code.
+
+    With c = ``xiao2019_scale(layer)`` (METHOD 8, willwx/sign-symmetry):
+
+        usf   B = c sign(W)                  (feedback_magnitude = c)
+        fa    conv: B ~ N(0, c^2);  linear: B ~ U(-c, c)                       fixed
+        frsf  B = |M| sign(W), M drawn as fa's B                              fixed |M|
+
+    Other rules are left as they are (the authors' code has no other rule). Draws are made in
+    module order on the generator's device (CPU by default; torch's global RNG without one) and
+    copied into the layers' buffers, so a seed gives the same feedback on every device.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    for _, layer in feedback_layers(model):
+        rule, scale = layer.rule, xiao2019_scale(layer)
+        if rule == "usf":
+            layer.feedback_magnitude.fill_(scale)
+            UniformSignFeedback.refresh(layer)
+        elif rule in ("fa", "frsf"):
+            draw = torch.empty(layer.weight.shape, dtype=layer.weight.dtype, device=device)
+            if isinstance(layer, nn.Conv2d):
+                draw.normal_(0.0, scale, generator=generator)
+            else:
+                draw.uniform_(-scale, scale, generator=generator)
+            if rule == "fa":
+                layer.feedback.copy_(draw)
+            else:
+                layer.feedback_magnitude.copy_(draw.abs_())
+                FixedRandomSignFeedback.refresh(layer)
