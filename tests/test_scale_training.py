@@ -172,3 +172,26 @@ def test_scale_user_errors_are_one_line(runs, tree, tmp_path, capsys):
         assert needle in err, (needle, err)
     assert not (tmp_path / "x" / "checkpoint.pt").exists()
     assert not (tmp_path / "x" / "config.json").exists()
+
+
+def test_two_process_torchrun_on_an_image_folder(tree, tmp_path):
+    """gloo on the CPU: one set of files, identical parameters and feedback on both ranks."""
+    from tests.test_distributed import torchrun
+
+    states = tmp_path / "states"
+    states.mkdir()
+    out = tmp_path / "run"
+    done = torchrun(states, *tiny_flags(tree, "resnet18"), "--rule", "usf", "--amp",
+                    "--channels-last", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run written to") == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "alignment.png", "checkpoint.pt", "config.json", "error.png", "metrics.csv",
+        "metrics.jsonl",
+    ]  # fmt: skip
+    rank0, rank1 = (torch.load(states / f"rank{r}.pt") for r in (0, 1))
+    assert any(key.endswith("layer4.1.conv2.feedback") for key in rank0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    (row,) = read_rows(out)
+    assert row["test_error"] * 8 == round(row["test_error"] * 8)  # 8 test images over 2 ranks
