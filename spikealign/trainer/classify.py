@@ -246,8 +246,9 @@ class Training(loop.EpochLoop):
         if workers is None:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             workers = default_workers(self.device, local_world)
-        # persistent: workers are started once per run, not once per epoch
-        loading = {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0}
+        # not persistent_workers: fresh workers each epoch draw their seeds from the generator
+        # reseeded for the epoch, which keeps augmentation, and so resume, exact
+        loading = {"num_workers": workers, "pin_memory": pin}
         # drop_last: a last batch of one example would break batch norm; the examples left out
         # differ from epoch to epoch.
         if dist.enabled:
