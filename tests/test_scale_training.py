@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -195,3 +196,18 @@ def test_two_process_torchrun_on_an_image_folder(tree, tmp_path):
         assert torch.equal(rank0[key], rank1[key]), key
     (row,) = read_rows(out)
     assert row["test_error"] * 8 == round(row["test_error"] * 8)  # 8 test images over 2 ranks
+
+
+def test_resume_with_decoding_workers_ends_like_an_uninterrupted_run(tree, tmp_path):
+    """Random crops drawn in a DataLoader worker, lr milestone between the epochs."""
+    config = TrainConfig(dataset="imagefolder", data_dir=str(tree), arch="paper", rule="frsf",
+                         image_size=32, epochs=2, batch_size=4, device="cpu", workers=1,
+                         lr_milestones=[1])  # fmt: skip
+    straight = trainer.train(config, tmp_path / "straight", progress=False)
+    trainer.train(replace(config, epochs=1), tmp_path / "resumed", progress=False)
+    resumed = trainer.train(config, tmp_path / "resumed", resume=True, progress=False)
+    drop = ("epoch_s", "phase_s")
+    assert [{k: v for k, v in row.items() if k not in drop} for row in resumed] == [
+        {k: v for k, v in row.items() if k not in drop} for row in straight
+    ]
+    assert straight[1]["lr"] == pytest.approx(0.1 * straight[0]["lr"])
