@@ -165,6 +165,8 @@ def test_scale_user_errors_are_one_line(runs, tree, tmp_path, capsys):
         "feedback_scale and feedback_scales xiao2019 both set": [
             *tiny_flags(tree, "resnet18"), "--rule", "fa", "--feedback-scale", "0.1",
             "--feedback-scales", "xiao2019", "--out", str(tmp_path / "x")],
+        "fc3 cannot stay on backprop": ["--dataset", "digits", "--rule", "rdd", "--last-layer",
+                                        "bp", "--out", str(tmp_path / "x")],
         "invalid choice": [*tiny_flags(tree, "resnet18"), "--last-layer", "all", "--rule", "fa",
                            "--out", str(tmp_path / "x")],
     }  # fmt: skip

@@ -126,6 +126,11 @@ class TrainConfig:
                 f"rule rdd learns the feedback of the paper net's fc layers; use --arch paper, "
                 f"or another rule with --arch {self.arch}"
             )
+        if self.rule == "rdd" and self.last_layer != "rule":
+            raise UserError(
+                "rule rdd learns the feedback of fc1, fc2 and fc3, so fc3 cannot stay on "
+                "backprop; use --last-layer rule (the default for --arch paper)"
+            )
         if self.recipe is not None and self.recipe not in recipes.RECIPES:
             raise UserError(
                 f"unknown recipe {self.recipe!r}; choose one of {', '.join(recipes.RECIPES)}"
