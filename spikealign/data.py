@@ -9,6 +9,12 @@ Files are read by torchvision's dataset classes (FashionMNIST, SVHN, CIFAR10, VO
 ``data_dir`` in their usual on-disk layout, and fetched there by them with ``download=True``.
 ``digits`` ships with scikit-learn and needs no files at all.
 
+``imagenet`` and ``imagefolder`` read any tree ``data_dir/{train,val}/<class>/<image>`` with
+torchvision's ImageFolder (ImageNet's usual layout: ``train/<wnid>/*.JPEG``), decoding each JPEG on
+access (in DataLoader workers). Train: ``RandomResizedCrop(image_size)`` + flip; eval:
+``Resize(image_size * 256/224)`` + ``CenterCrop(image_size)``; ImageNet's mean and std. Default
+``image_size`` 224. See :func:`load_image_folder`.
+
 Pre-processing (METHOD.md section 6 and the paper: "inputs were randomly cropped and flipped"):
 
 * training images, with ``augment=True``: ``RandomCrop(image_size, padding=4)`` then
@@ -96,6 +102,10 @@ _SPECS = {
     "digits": _Spec("digits", 1, 28, 10, crop_and_flip=False),
 }
 
+# ImageFolder trees (load_image_folder); imagenet is the same reader under ImageNet's name
+IMAGE_FOLDER_DATASETS = ("imagenet", "imagefolder")
+DATASETS = DATASETS + IMAGE_FOLDER_DATASETS
+
 
 def load_dataset(
     name: str,
@@ -111,6 +121,8 @@ def load_dataset(
     value resizes the images. ``augment=False`` turns the random training transforms off.
     Raises :class:`UserError` with a one-line fix for unknown names, missing or corrupt files.
     """
+    if name in IMAGE_FOLDER_DATASETS:
+        return load_image_folder(data_dir, name, download, image_size, augment)
     if name not in _SPECS:
         raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     spec = _SPECS[name]
@@ -404,4 +416,115 @@ def _load_digits(image_size: int) -> tuple[TensorDataset, TensorDataset]:
     return (
         TensorDataset(images[train_index], labels[train_index]),
         TensorDataset(images[test_index], labels[test_index]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# ImageFolder trees: imagenet, imagefolder
+# --------------------------------------------------------------------------------------------
+
+IMAGE_FOLDER_SPLITS = ("train", "val")
+IMAGE_FOLDER_SIZE = 224
+#: eval resize side per crop side: ImageNet's 256 for a 224 crop
+EVAL_RESIZE_RATIO = 256 / 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_folder_transforms(image_size: int) -> tuple[v2.Compose, v2.Compose]:
+    """(train, eval) transforms of PIL images -> normalised float tensors 3 x size x size.
+
+    Train: RandomResizedCrop(image_size) (scale 0.08-1, aspect 3/4-4/3) + RandomHorizontalFlip;
+    eval: Resize(round(image_size * 256 / 224)) of the short side + CenterCrop(image_size).
+    """
+    finish = [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.ToPureTensor(),
+    ]
+    train = v2.Compose(
+        [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *finish]
+    )
+    resize = round(image_size * EVAL_RESIZE_RATIO)
+    evaluate = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size), *finish])
+    return train, evaluate
+
+
+def _rgb_loader(path: str) -> Image.Image:
+    with open(path, "rb") as file, Image.open(file) as image:
+        return image.convert("RGB")
+
+
+def load_image_folder(
+    data_dir: str | os.PathLike,
+    name: str = "imagefolder",
+    download: bool = False,
+    image_size: int | None = None,
+    augment: bool = True,
+) -> DatasetBundle:
+    """``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` as a DatasetBundle.
+
+    The classes are the sub-folder names, sorted (ImageNet: the wnids). Both splits must have the
+    same classes and every class folder an image (.jpg, .jpeg, .png, ... as torchvision's
+    ImageFolder accepts); otherwise a UserError names the folder to fix. ``augment=False`` gives
+    the training images the eval transform.
+    """
+    title = "ImageNet" if name == "imagenet" else "the image folder"
+    if download:
+        raise UserError(
+            f"{title} cannot be downloaded automatically; put train/<class>/ and val/<class>/ "
+            f"folders of images in --data-dir and run without --download"
+        )
+    if image_size is None:
+        image_size = IMAGE_FOLDER_SIZE
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise UserError(f"image_size must be a positive integer, got {image_size!r}")
+    root = os.path.expanduser(str(data_dir))
+    _check_data_dir(root, create=False)
+    layout = "train/<class>/<image> and val/<class>/<image>"
+    classes = {}
+    for split in IMAGE_FOLDER_SPLITS:
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise UserError(
+                f"{title} in {root} has no {split}/ folder; --data-dir must hold {layout}"
+            )
+        classes[split] = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+        if not classes[split]:
+            raise UserError(f"{folder} has no class folders; it must hold {split}/<class>/<image>")
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+        listed = "; ".join(
+            f"only in {split}/: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+            for split, names in (("train", only_train), ("val", only_val))
+            if names
+        )
+        raise UserError(
+            f"train/ and val/ of {root} have different classes ({listed}); "
+            "give both splits the same class folders"
+        )
+    train_transform, eval_transform = image_folder_transforms(image_size)
+    splits = []
+    for split, transform in (
+        ("train", train_transform if augment else eval_transform),
+        ("val", eval_transform),
+    ):
+        folder = os.path.join(root, split)
+        try:
+            splits.append(datasets.ImageFolder(folder, transform=transform, loader=_rgb_loader))
+        except FileNotFoundError as err:  # a class folder without a single image
+            raise UserError(
+                f"{folder}: {_first_line(err).removeprefix('FileNotFoundError: ')}; "
+                "put images in every class folder or remove the empty ones (from both splits)"
+            ) from None
+    return DatasetBundle(
+        train=splits[0],
+        test=splits[1],
+        in_channels=3,
+        image_size=image_size,
+        num_classes=len(classes["train"]),
+        multilabel=False,
+        class_names=tuple(classes["train"]),
     )

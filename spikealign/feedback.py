@@ -36,11 +36,22 @@ bp copies W, the sign rules write sign(W) * magnitude into the buffer in place) 
 ``output_error`` (dfa: the network's output error replaces the layer's own delta). ``.feedback``
 always holds the tensor used by the last backward pass.
 
+Mixed precision: under ``torch.autocast`` (CPU or CUDA) both Functions compute as autocast computes
+``F.linear``/``F.conv2d``: input, weight and bias are cast to the autocast dtype (float64 operands
+are left alone, as autocast leaves them), the cast input is saved for backward, and backward uses
+the feedback cast to that dtype; the weight and bias gradients are returned in the parameters' own
+dtype (float32), as autograd's cast would return them. Backward needs no autocast state of its
+own. channels_last tensors pass through unchanged (``convolution_backward`` takes any layout);
+feedback drawn at conversion keeps the weight's memory format.
+
 dfa ordering argument: ``convert`` registers a forward pre-hook on the model (opens a fresh
 ``_OutputError`` slot that the dfa layers running in this forward capture) and a forward hook that
 attaches a tensor hook to the model's output. Autograd runs that tensor hook when the gradient of
 the output is ready, i.e. before the output's grad_fn runs; every converted layer is upstream of
 that grad_fn, so e is stored before any layer's backward reads it.
+
+``xiao2019_feedback(model)`` replaces the usf, fa and frsf feedback of a converted model by the
+scales of Xiao et al. (2019)'s code (METHOD 8; see its docstring).
 
 ``step_feedback(model)`` (call after every optimiser step) applies the wm and kp updates with the
 hyperparameters given to ``convert``; brsf redraws M inside every backward pass by itself.
@@ -76,6 +87,7 @@ __all__ = [
     "feedback_layers",
     "make_rule",
     "step_feedback",
+    "xiao2019_feedback",
 ]
 
 
@@ -141,15 +153,33 @@ class _OutputErrorChannel:
 Refresh = Callable[[], Tensor]
 
 
-def _project_output_error(output_error: _OutputError, feedback: Tensor, input_shape) -> Tensor:
-    """dfa: dL/dx := e @ B_l, reshaped to the layer input's shape."""
+def _autocast_dtype(input: Tensor) -> torch.dtype | None:
+    """The dtype autocast gives linear/conv2d operands on ``input``'s device; None when off."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(tensor: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """``tensor`` in ``dtype`` as autocast casts an operand: floating point except float64."""
+    if tensor is None or dtype is None or tensor.dtype in (dtype, torch.float64):
+        return tensor
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _project_output_error(
+    output_error: _OutputError, feedback: Tensor, input_shape, dtype: torch.dtype
+) -> Tensor:
+    """dfa: dL/dx := e @ B_l, reshaped to the layer input's shape, in ``dtype``."""
     error = output_error.error
     if error.shape[0] != input_shape[0]:
         raise UserError(
             f"dfa: the model output has batch size {error.shape[0]} but a layer input has "
             f"{input_shape[0]}; dfa needs layers whose inputs keep the batch dimension first"
         )
-    return error.reshape(error.shape[0], -1).to(feedback.dtype).mm(feedback).view(input_shape)
+    projected = error.reshape(error.shape[0], -1).to(feedback.dtype).mm(feedback)
+    return projected.view(input_shape).to(dtype)
 
 
 class LinearFeedbackFunction(torch.autograd.Function):
@@ -162,7 +192,6 @@ class LinearFeedbackFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(
         ctx,
         input: Tensor,
@@ -172,6 +201,9 @@ class LinearFeedbackFunction(torch.autograd.Function):
         refresh: Refresh | None = None,
         output_error: _OutputError | None = None,
     ) -> Tensor:
+        ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
+        compute_dtype = _autocast_dtype(input)
+        input, weight, bias = (_cast(t, compute_dtype) for t in (input, weight, bias))
         ctx.save_for_backward(input)
         # feedback is not saved with save_for_backward: rules rewrite it in place in backward
         ctx.feedback, ctx.refresh, ctx.output_error = feedback, refresh, output_error
@@ -180,21 +212,24 @@ class LinearFeedbackFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_output: Tensor):
         (input,) = ctx.saved_tensors
+        input_dtype, weight_dtype, bias_dtype = ctx.dtypes
         feedback = ctx.refresh() if ctx.refresh is not None else ctx.feedback
+        grad_output = grad_output.to(input.dtype)  # the output's dtype is the compute dtype
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             if ctx.output_error is not None:
-                grad_input = _project_output_error(ctx.output_error, feedback, input.shape)
+                grad_input = _project_output_error(
+                    ctx.output_error, feedback, input.shape, input_dtype
+                )
             else:
-                grad_input = grad_output.matmul(feedback.to(grad_output.dtype))
+                grad_input = grad_output.matmul(feedback.to(input.dtype)).to(input_dtype)
         delta = grad_output.reshape(-1, grad_output.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_weight = delta.t().mm(input.reshape(-1, input.shape[-1]).to(delta.dtype))
+            grad_weight = delta.t().mm(input.reshape(-1, input.shape[-1])).to(weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = delta.sum(0)
+            grad_bias = delta.sum(0).to(bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None
 
 
@@ -217,7 +252,6 @@ class Conv2dFeedbackFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(
         ctx,
         input: Tensor,
@@ -231,6 +265,9 @@ class Conv2dFeedbackFunction(torch.autograd.Function):
         refresh: Refresh | None = None,
         output_error: _OutputError | None = None,
     ) -> Tensor:
+        ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
+        compute_dtype = _autocast_dtype(input)
+        input, weight, bias = (_cast(t, compute_dtype) for t in (input, weight, bias))
         stride, dilation = _pair(stride), _pair(dilation)
         input_shape = input.shape
         pad_amounts = None
@@ -255,11 +292,12 @@ class Conv2dFeedbackFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_output: Tensor):
         (input,) = ctx.saved_tensors
+        input_dtype, weight_dtype, bias_dtype = ctx.dtypes
         stride, padding, dilation, groups = ctx.conv_args
         feedback = ctx.refresh() if ctx.refresh is not None else ctx.feedback
+        grad_output = grad_output.to(input.dtype)  # the output's dtype is the compute dtype
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         needs_bias = needs_bias and ctx.bias_sizes is not None
         if ctx.output_error is None:
@@ -267,7 +305,7 @@ class Conv2dFeedbackFunction(torch.autograd.Function):
             grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward.default(
                 grad_output,
                 input,
-                feedback.to(grad_output.dtype),
+                feedback.to(input.dtype),
                 ctx.bias_sizes,
                 stride,
                 padding,
@@ -284,13 +322,18 @@ class Conv2dFeedbackFunction(torch.autograd.Function):
         else:
             grad_input = grad_weight = grad_bias = None
             if needs_input:
-                grad_input = _project_output_error(ctx.output_error, feedback, ctx.input_shape)
+                grad_input = _project_output_error(
+                    ctx.output_error, feedback, ctx.input_shape, input_dtype
+                )
             if needs_weight:
                 grad_weight = torch.nn.grad.conv2d_weight(
                     input, ctx.weight_shape, grad_output, stride, padding, dilation, groups
                 )
             if needs_bias:
                 grad_bias = grad_output.sum((0, 2, 3))
+        grad_input = None if grad_input is None else grad_input.to(input_dtype)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
@@ -315,10 +358,17 @@ def _check_generator_device(rule: FeedbackRule, layer, generator) -> None:
 
 
 def _uniform(shape, low: float, high: float, like: Tensor, generator) -> Tensor:
-    """U(low, high) drawn on the generator's device (CPU by default), moved to ``like``'s device."""
+    """U(low, high) drawn on the generator's device (CPU by default), moved to ``like``'s device.
+
+    A draw of ``like``'s shape also takes its memory format (a channels_last weight gets
+    channels_last feedback, so backward reads both in one layout).
+    """
     device = generator.device if generator is not None else torch.device("cpu")
     draw = torch.empty(shape, dtype=like.dtype, device=device)
-    return draw.uniform_(low, high, generator=generator).to(like.device)
+    draw.uniform_(low, high, generator=generator)
+    if tuple(shape) == tuple(like.shape):
+        return torch.empty_like(like, requires_grad=False).copy_(draw)
+    return draw.to(like.device)
 
 
 @dataclass
@@ -1010,3 +1060,49 @@ def step_feedback(model: nn.Module) -> None:
     """
     for _, layer in feedback_layers(model):
         layer.feedback_rule.step(layer)
+
+
+#: rules whose feedback ``xiao2019_feedback`` sets (the ones in Xiao et al.'s code)
+XIAO2019_RULES = ("usf", "fa", "frsf")
+
+
+def xiao2019_scale(layer: nn.Module) -> float:
+    """Xiao et al.'s per-layer constant c: conv sqrt(2 / (k_h k_w out_channels)) (He fan-out std,
+    torchvision's ResNet conv init), linear 1 / sqrt(in_features)."""
+    if isinstance(layer, nn.Conv2d):
+        k_h, k_w = layer.kernel_size
+        return math.sqrt(2.0 / (k_h * k_w * layer.out_channels))
+    return 1.0 / math.sqrt(layer.in_features)
+
+
+@torch.no_grad()
+def xiao2019_feedback(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Give the usf, fa and frsf layers of ``model`` the feedback of Xiao et al. (2019)'s code.
+
+    With c = ``xiao2019_scale(layer)`` (METHOD 8, willwx/sign-symmetry):
+
+        usf   B = c sign(W)                  (feedback_magnitude = c)
+        fa    conv: B ~ N(0, c^2);  linear: B ~ U(-c, c)                       fixed
+        frsf  B = |M| sign(W), M drawn as fa's B                              fixed |M|
+
+    Other rules are left as they are (the authors' code has no other rule). Draws are made in
+    module order on the generator's device (CPU by default; torch's global RNG without one) and
+    copied into the layers' buffers, so a seed gives the same feedback on every device.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    for _, layer in feedback_layers(model):
+        rule, scale = layer.rule, xiao2019_scale(layer)
+        if rule == "usf":
+            layer.feedback_magnitude.fill_(scale)
+            UniformSignFeedback.refresh(layer)
+        elif rule in ("fa", "frsf"):
+            draw = torch.empty(layer.weight.shape, dtype=layer.weight.dtype, device=device)
+            if isinstance(layer, nn.Conv2d):
+                draw.normal_(0.0, scale, generator=generator)
+            else:
+                draw.uniform_(-scale, scale, generator=generator)
+            if rule == "fa":
+                layer.feedback.copy_(draw)
+            else:
+                layer.feedback_magnitude.copy_(draw.abs_())
+                FixedRandomSignFeedback.refresh(layer)

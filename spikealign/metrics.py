@@ -29,10 +29,11 @@ from spikealign.feedback import convert, feedback_layers
 __all__ = ["alignment", "model_alignment", "update_angle"]
 
 
-def _flat_float64(matrix) -> Tensor:
+def _flat_float64(matrix, device=None) -> Tensor:
+    """float64 copy, flattened; a tensor stays on its device (or goes to ``device``)."""
     if isinstance(matrix, Tensor):
-        return matrix.detach().to("cpu", torch.float64).flatten()
-    return torch.as_tensor(np.asarray(matrix, dtype=np.float64)).flatten()
+        return matrix.detach().flatten().to(device or matrix.device, torch.float64)
+    return torch.as_tensor(np.asarray(matrix, dtype=np.float64), device=device).flatten()
 
 
 def _angle_deg(a: Tensor, b: Tensor) -> float:
@@ -46,7 +47,8 @@ def _angle_deg(a: Tensor, b: Tensor) -> float:
 def alignment(weight, feedback) -> dict[str, float]:
     """{"angle_deg", "sign_agreement" (percent), "norm_ratio"} between weight and feedback.
 
-    Accepts torch tensors or numpy arrays of the same shape.
+    Accepts torch tensors or numpy arrays of the same shape. Computed in float64 on the weight's
+    device, with one device-to-host copy (ResNet/AlexNet layers have millions of entries).
     """
     weight_shape, feedback_shape = tuple(np.shape(weight)), tuple(np.shape(feedback))
     if weight_shape != feedback_shape:
@@ -54,15 +56,23 @@ def alignment(weight, feedback) -> dict[str, float]:
             f"alignment: weight has shape {weight_shape} but feedback has shape {feedback_shape}; "
             "pass matrices of the same shape"
         )
-    w, b = _flat_float64(weight), _flat_float64(feedback)
+    w = _flat_float64(weight)
+    b = _flat_float64(feedback, w.device)
     nonzero = b != 0
-    count = int(nonzero.sum())
-    agree = int((torch.sign(b[nonzero]) == torch.sign(w[nonzero])).sum())
-    norm_w = w.norm().item()
+    count = nonzero.sum()
+    agree = (nonzero & (torch.sign(b) == torch.sign(w))).sum()
+    norm_w, norm_b = torch.linalg.vector_norm(w), torch.linalg.vector_norm(b)
+    u = w / norm_w
+    v = b / norm_b  # not in place: b may be the caller's own float64 tensor
+    difference = torch.dist(u, v)
+    total = torch.linalg.vector_norm(u.add_(v))
+    scalars = torch.stack([count.double(), agree.double(), norm_w, norm_b, difference, total])
+    count, agree, norm_w, norm_b, difference, total = scalars.tolist()
+    defined = norm_w > 0 and norm_b > 0
     return {
-        "angle_deg": _angle_deg(w, b),
+        "angle_deg": math.degrees(2.0 * math.atan2(difference, total)) if defined else math.nan,
         "sign_agreement": 100.0 * agree / count if count else math.nan,
-        "norm_ratio": b.norm().item() / norm_w if norm_w else math.nan,
+        "norm_ratio": norm_b / norm_w if norm_w else math.nan,
     }
 
 

@@ -469,3 +469,119 @@ def test_step_feedback_leaves_fixed_rules_alone():
     step_feedback(model)
     for (_, layer), feedback in zip(feedback_layers(model), before, strict=True):
         assert torch.equal(layer.feedback, feedback)
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed precision (bf16 autocast) and channels_last
+# --------------------------------------------------------------------------------------------
+
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits: one rounding errs by <= 2^-8 relative
+
+
+def bf16_tolerance(device: str, exact: Tensor) -> dict[str, float]:
+    """How far a bf16-autocast gradient may be from the exact value on bf16-rounded operands.
+
+    With bf16 operands the products are exact in float32 and summed in float32 (CPU/oneDNN), so
+    the only error is the final rounding of the result to bf16: relative 2^-8, plus a float32
+    accumulation error far below 1e-5 of the largest entry. cuBLAS/cuDNN may also round partial
+    sums to bf16 (allow_bf16_reduced_precision_reduction), each adding up to 2^-8 of the partial
+    sum, which is bounded by the largest entry times the few split-K chunks: 4 roundings allowed.
+    """
+    scale = exact.abs().max().item()
+    if device == "cpu":
+        return dict(rtol=BF16_UNIT_ROUNDOFF, atol=1e-5 * scale)
+    return dict(rtol=4 * BF16_UNIT_ROUNDOFF, atol=4 * BF16_UNIT_ROUNDOFF * scale)
+
+
+def bf16_exact(t: Tensor) -> Tensor:
+    """``t`` rounded to bf16 as autocast rounds an operand, then held exactly in float64."""
+    return t.detach().to(torch.bfloat16).to(DTYPE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", LAYER_RULES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_autocast_gradients_equal_hand_computation(rule, device, channels_last):
+    """Under bf16 autocast every rule's gradients are the float32 hand computation on the
+    bf16-rounded operands up to bf16's own rounding, and arrive in the parameters' float32."""
+    torch.manual_seed(4)
+    conv = convert(nn.Conv2d(8, 16, 3, padding=1, device=device), rule)
+    x = torch.randn(4, 8, 12, 12, device=device)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.bfloat16
+    delta = torch.randn_like(out)
+    out.backward(delta)
+    grad_x = conv2d_input(x.shape, bf16_exact(conv.feedback), bf16_exact(delta), 1, 1)
+    grad_w = conv2d_weight(bf16_exact(x), conv.weight.shape, bf16_exact(delta), 1, 1)
+    grad_b = bf16_exact(delta).sum((0, 2, 3))
+    for got, exact in ((x.grad, grad_x), (conv.weight.grad, grad_w), (conv.bias.grad, grad_b)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.to(DTYPE), exact, **bf16_tolerance(device, exact))
+
+    linear = FeedbackLinear(20, 7, device=device, rule=rule)
+    x = torch.randn(5, 20, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = linear(x)
+    delta = torch.randn_like(out)
+    out.backward(delta)
+    grad_x = bf16_exact(delta) @ bf16_exact(linear.feedback)
+    grad_w = bf16_exact(delta).T @ bf16_exact(x)
+    for got, exact in ((x.grad, grad_x), (linear.weight.grad, grad_w)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.to(DTYPE), exact, **bf16_tolerance(device, exact))
+
+
+def tiny_resnet_batch(device, channels_last: bool):
+    torch.manual_seed(5)
+    model = torchvision.models.resnet18(num_classes=10).to(device).eval()
+    x = torch.randn(2, 3, 32, 32, device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model, x
+
+
+def input_and_parameter_grads(model: nn.Module, x: Tensor, amp: bool):
+    x = x.clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model(x)
+    out.float().square().sum().backward()
+    return [x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bp_under_bf16_autocast_equals_autograd(device, channels_last):
+    """Converted bp runs the same bf16 operations as autocast's own conv/linear backward."""
+    reference, x = tiny_resnet_batch(device, channels_last)
+    converted = convert(copy.deepcopy(reference), "bp")
+    expected = input_and_parameter_grads(reference, x, amp=True)
+    got = input_and_parameter_grads(converted, x, amp=True)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype == torch.float32
+        scale = e.abs().max().item()
+        torch.testing.assert_close(g, e, rtol=0, atol=BF16_UNIT_ROUNDOFF * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", ["fa", "usf"])
+def test_channels_last_gives_the_same_gradients(rule, device):
+    """float32: a converted resnet18 in channels_last computes what it computes contiguous."""
+    model, x = tiny_resnet_batch(device, channels_last=False)
+    contiguous = convert(model, rule)
+    nhwc = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
+    expected = input_and_parameter_grads(contiguous, x, amp=False)
+    got = input_and_parameter_grads(nhwc, x.contiguous(memory_format=torch.channels_last), False)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
+
+
+def test_feedback_drawn_at_conversion_keeps_the_weights_memory_format():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3)).to(memory_format=torch.channels_last)
+    layer = convert(model, "fa")[0]
+    assert layer.feedback.is_contiguous(memory_format=torch.channels_last)

@@ -143,3 +143,19 @@ def test_paper_convnet_rejects_small_images():
         paper_convnet(3, 15, 10)
     with pytest.raises(UserError, match="has no fc1, fc2, fc3"):
         fc_layers(nn.Linear(2, 2))
+
+
+def test_alignment_leaves_float64_inputs_alone_and_matches_a_hand_computation():
+    torch.manual_seed(0)
+    weight, feedback = torch.randn(30, 20, dtype=torch.float64), torch.randn(30, 20).double()
+    feedback[0, :5] = 0
+    before = feedback.clone()
+    measured = alignment(weight, feedback)
+    torch.testing.assert_close(feedback, before, rtol=0, atol=0)
+    w, b = weight.flatten().numpy(), feedback.flatten().numpy()
+    cosine = w @ b / np.linalg.norm(w) / np.linalg.norm(b)
+    assert measured["angle_deg"] == pytest.approx(math.degrees(math.acos(cosine)))
+    nonzero = b != 0
+    agree = (np.sign(w[nonzero]) == np.sign(b[nonzero])).mean() * 100
+    assert measured["sign_agreement"] == pytest.approx(agree)
+    assert measured["norm_ratio"] == pytest.approx(np.linalg.norm(b) / np.linalg.norm(w))

@@ -1,9 +1,11 @@
-"""Train the paper's network with one learning rule: ``python -m training.run --help``.
+"""Train a network with one learning rule: ``python -m training.run --help``.
 
 A thin command line over :func:`spikealign.trainer.train`; flags map one to one onto the fields of
 :class:`spikealign.trainer.TrainConfig` (see docs/training.md). Example::
 
     python -m training.run --dataset digits --rule rdd --epochs 10 --out runs/digits-rdd
+    python -m training.run --dataset imagenet --data-dir /data/imagenet --arch resnet18 \
+        --rule usf --recipe xiao2019 --amp --channels-last --out runs/in-r18-usf
 
 With ``--resume`` the run's settings come from ``OUT/checkpoint.pt``; flags given on the command
 line may only change how the run executes (--epochs, --device, --workers, --data-dir,
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from spikealign import feedback, trainer
+from spikealign import feedback, models, recipes, trainer
 from spikealign.data import DATASETS, load_dataset
 from spikealign.errors import OneLineParser, UserError, exit_on_user_error
 from spikealign.trainer import distributed
@@ -33,11 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     # default, a resumed run the checkpoint's value.
     parser = OneLineParser(
         prog="python -m training.run",
-        description="Train the paper's convnet with a learning rule (bp, fa, ..., rdd).",
+        description="Train a network with a learning rule (bp, fa, ..., rdd).",
     )
     what = parser.add_argument_group("what to train")
     what.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
     what.add_argument("--rule", help=f"one of {', '.join(trainer.TRAIN_RULES)}")
+    what.add_argument("--arch", choices=models.ARCHS, help="network" + _default("arch"))
+    what.add_argument(
+        "--last-layer",
+        choices=models.LAST_LAYER_CHOICES,
+        help="last linear layer: keep backprop or use the rule (default: rule for paper, bp else)",
+    )
+    what.add_argument(
+        "--recipe",
+        help=f"published settings to start from: {', '.join(recipes.RECIPES)} "
+        "(flags given override them; see --list-recipes)",
+    )
+    what.add_argument("--list-recipes", action="store_true", help="print the recipes and exit")
     what.add_argument("--data-dir", help="dataset directory" + _default("data_dir"))
     what.add_argument(
         "--download",
@@ -67,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight-decay", type=float, help="SGD weight decay" + _default("weight_decay")
     )
     optim.add_argument(
+        "--lr-milestones",
+        type=int,
+        nargs="*",
+        help="epochs after which the lr is multiplied by --lr-gamma (default none)",
+    )
+    optim.add_argument(
+        "--lr-gamma", type=float, help="lr factor at each milestone" + _default("lr_gamma")
+    )
+    optim.add_argument(
         "--feedback-decay",
         type=float,
         help="lambda of Y <- Y - lambda*Y after every step (fa / learned feedback)"
@@ -79,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--feedback-scale",
         type=float,
         help="bound s of random feedback U(-s, s) (default 1/sqrt(fan_in))",
+    )
+    rules.add_argument(
+        "--feedback-scales",
+        choices=models.FEEDBACK_SCALES,
+        help="usf/fa/frsf feedback scales: the rules' own or Xiao et al.'s (METHOD 8)"
+        + _default("feedback_scales"),
     )
     rules.add_argument("--kp-lr", type=float, help="kp: feedback learning rate (default --lr)")
     rules.add_argument(
@@ -139,7 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="process-group backend under torchrun: auto is nccl on CUDA, gloo on the CPU"
         + _default("dist_backend"),
     )
-    run.add_argument("--workers", type=int, help="DataLoader workers" + _default("workers"))
+    run.add_argument(
+        "--workers",
+        type=int,
+        help=f"DataLoader workers (default {trainer.classify.MAX_DEFAULT_WORKERS} per GPU as "
+        "CPU cores allow, 0 on the CPU)",
+    )
+    run.add_argument(
+        "--amp",
+        action="store_true",
+        default=None,
+        help="bf16 autocast of forward and loss (CUDA and CPU)",
+    )
+    run.add_argument(
+        "--channels-last",
+        action="store_true",
+        default=None,
+        help="model and inputs in channels_last memory format (faster convs on GPUs)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -155,6 +201,9 @@ def config_overrides(args: argparse.Namespace) -> dict:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.list_recipes:
+        print(recipes.describe_recipes())
+        return
     overrides = config_overrides(args)
     if args.out is None and args.download and "dataset" in overrides and "rule" not in overrides:
         # download only: the command the missing-data error prints
@@ -170,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         missing = [f"--{name}" for name in ("dataset", "rule") if name not in overrides]
         if missing:
             raise UserError(f"{' and '.join(missing)} required to start a run (or pass --resume)")
-        config = trainer.TrainConfig(**overrides)
+        config = trainer.TrainConfig.from_flags(overrides)
     try:
         trainer.train(
             config,

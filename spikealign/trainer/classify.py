@@ -1,7 +1,9 @@
 """Image classification with separate feedback weights, alternating with spiking phases.
 
-The network is :func:`spikealign.models.paper_convnet` converted to a learning rule with
-:func:`spikealign.feedback.convert`. Each epoch ``e = 1..E``:
+The network is ``config.arch`` (:func:`spikealign.models.build_model`: the paper's convnet,
+ResNet-18 or BN-AlexNet) converted to a learning rule with :func:`spikealign.models.convert_model`
+(every conv and linear layer; the last linear layer kept on backprop when ``last_layer="bp"``).
+Each epoch ``e = 1..E``:
 
 1. rule ``rdd`` only, every ``rdd_every`` epochs: the spiking feedback-training phase
    (:class:`spikealign.phase.FeedbackPhase`) is built from the current fully connected weights
@@ -13,7 +15,13 @@ The network is :func:`spikealign.models.paper_convnet` converted to a learning r
    :func:`spikealign.feedback.step_feedback` runs (kp / wm feedback updates) and the feedback weight
    decay of METHOD 5 shrinks fixed and learned feedback: ``Y <- Y - lambda * Y``.
 3. Test loss and error, and the alignment of each fully connected layer (METHOD 7): angle between
-   ``W`` and ``Y``, sign agreement, norm ratio ``|Y| / |W|``.
+   ``W`` and ``Y``, sign agreement, norm ratio ``|Y| / |W|``. For resnet18 and alexnet_bn the
+   alignment of every converted layer goes to ``metrics.jsonl`` (key ``alignment``) and its mean
+   over the layers to ``metrics.csv``; ImageFolder datasets add the top-5 error.
+
+The learning rate of epoch ``e`` is ``lr * lr_gamma ** #{milestones < e}`` (set at the start of
+the epoch, so resume needs no scheduler state). ``amp`` runs forward and loss under bf16 autocast
+(CUDA or CPU; bf16 needs no loss scaling); ``channels_last`` puts model and inputs in that format.
 
 Loss: cross-entropy on the logits (single-label); binary cross-entropy on the logits for multi-label
 data (VOC), which is scored by mean average precision (average precision per class, averaged over
@@ -70,14 +78,33 @@ SUBSET_SEED = 0
 #: Rules whose ``.feedback`` buffer holds the copy made at the last backward pass (before the last
 #: optimiser step); ``refresh`` recomputes it from the current weight.
 REFRESHED_RULES = ("bp", "usf", "frsf", "brsf")
+#: top-k error recorded besides the top-1 error on ImageFolder data (ImageNet's convention)
+TOP_K = 5
+#: most DataLoader workers per process by default (on CUDA)
+MAX_DEFAULT_WORKERS = 8
 
 
-def metric_columns(multilabel: bool) -> list[str]:
-    """Column names of metrics.csv / keys of each metrics.jsonl row."""
+def metric_columns(multilabel: bool, arch: str = "paper", top_k: bool = False) -> list[str]:
+    """Column names of metrics.csv / scalar keys of each metrics.jsonl row.
+
+    The paper net records each fc layer's alignment; other archs the mean over their converted
+    layers (``mean_<measure>``), with the per-layer values in metrics.jsonl's ``alignment``.
+    """
     score = "map" if multilabel else "error"
-    columns = ["epoch", "train_loss", f"train_{score}", "test_loss", f"test_{score}"]
-    columns += [f"{layer}_{key}" for layer in FC_LAYERS for key in ALIGNMENT_KEYS]
+    columns = ["epoch", "lr", "train_loss", f"train_{score}", "test_loss", f"test_{score}"]
+    if top_k:
+        columns += [f"train_top{TOP_K}_error", f"test_top{TOP_K}_error"]
+    groups = FC_LAYERS if arch == "paper" else ("mean",)
+    columns += [f"{group}_{key}" for group in groups for key in ALIGNMENT_KEYS]
     return columns + ["phase_s", "epoch_s"]
+
+
+def default_workers(device: torch.device, local_world_size: int = 1) -> int:
+    """DataLoader workers when none are asked: up to 8 per GPU, shared CPU cores; 0 on the CPU
+    (the model's own threads use the cores)."""
+    if device.type != "cuda":
+        return 0
+    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) // max(1, local_world_size)))
 
 
 def _subset(dataset: Dataset, limit: int | None) -> Dataset:
@@ -96,24 +123,41 @@ def _difficult_only(dataset: Dataset) -> torch.Tensor | None:
 
 
 def build_model(config: TrainConfig, bundle) -> nn.Module:
-    """The paper's net for ``bundle``'s data converted to ``config.rule``, initialised from seed."""
+    """``config.arch`` for ``bundle``'s data converted to ``config.rule``, initialised from seed."""
     torch.manual_seed(config.seed)
-    model = models.paper_convnet(bundle.in_channels, bundle.image_size, bundle.num_classes)
+    model = models.build_model(
+        config.arch, bundle.in_channels, bundle.image_size, bundle.num_classes
+    )
     rule = RDD_LAYER_RULES if config.rule == "rdd" else config.rule
-    return feedback.convert(model, rule, **config.rule_options())
+    return models.convert_model(
+        model, rule, config.last_layer, config.feedback_scales, **config.rule_options()
+    )
 
 
 @torch.no_grad()
-def fc_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Alignment of each fc layer's weight with the feedback its next backward pass would use.
-
-    NaN where the feedback is not weight-shaped (dfa's fc1 and fc2 map the output error).
-    """
-    for _, layer in models.fc_layers(model):
+def layer_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Alignment of every converted layer's weight with the feedback its next backward pass
+    would use (layers without weight-shaped feedback, dfa's hidden ones, are left out)."""
+    for _, layer in feedback.feedback_layers(model):
         if layer.rule in REFRESHED_RULES:
             layer.feedback_rule.refresh(layer)  # does not redraw brsf's magnitudes
-    measured = metrics.model_alignment(model)
+    return metrics.model_alignment(model)
+
+
+def fc_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Alignment of each fc layer of the paper net; NaN where the feedback is not weight-shaped
+    (dfa's fc1 and fc2 map the output error)."""
+    measured = layer_alignment(model)
     return {name: measured.get(name, dict.fromkeys(ALIGNMENT_KEYS, math.nan)) for name in FC_LAYERS}
+
+
+def mean_alignment(measured: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean of each alignment measure over the layers (NaN entries left out)."""
+    means = {}
+    for key in ALIGNMENT_KEYS:
+        values = [v[key] for v in measured.values() if not math.isnan(v[key])]
+        means[key] = sum(values) / len(values) if values else math.nan
+    return means
 
 
 class _RankShare(torch.utils.data.Sampler):
@@ -157,6 +201,7 @@ class Training(loop.EpochLoop):
             self.dist.on_main(lambda: load(download=True))
         self.bundle = load(download=config.download and not self.dist.enabled)
         self.multilabel = self.bundle.multilabel
+        self.top_k = config.dataset in data.IMAGE_FOLDER_DATASETS
         self.train_set = _subset(self.bundle.train, config.limit_train)
         self.test_set = _subset(self.bundle.test, config.limit_test)
         if len(self.train_set) < config.batch_size:
@@ -168,6 +213,10 @@ class Training(loop.EpochLoop):
         self.loss_fn = nn.BCEWithLogitsLoss() if self.multilabel else nn.CrossEntropyLoss()
 
         self.model = build_model(config, self.bundle).to(self.device)
+        self.memory_format = torch.contiguous_format
+        if config.channels_last:
+            self.memory_format = torch.channels_last
+            self.model = self.model.to(memory_format=self.memory_format)
         # The model that trains: wrapped for gradient averaging when there are several ranks.
         # DDP also broadcasts buffers (feedback, batch-norm statistics) from rank 0 at every
         # forward pass, so redrawn or updated feedback cannot drift apart between ranks.
@@ -199,6 +248,13 @@ class Training(loop.EpochLoop):
                 f"{batch_size} example per process; batch norm needs at least 2, so use "
                 f"--batch-size {2 * dist.world_size} or more"
             )
+        workers = config.workers
+        if workers is None:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            workers = default_workers(self.device, local_world)
+        # not persistent_workers: fresh workers each epoch draw their seeds from the generator
+        # reseeded for the epoch, which keeps augmentation, and so resume, exact
+        loading = {"num_workers": workers, "pin_memory": pin}
         # drop_last: a last batch of one example would break batch norm; the examples left out
         # differ from epoch to epoch.
         if dist.enabled:
@@ -214,8 +270,7 @@ class Training(loop.EpochLoop):
             self.train_set,
             batch_size=batch_size,
             drop_last=True,
-            num_workers=config.workers,
-            pin_memory=pin,
+            **loading,
             **train_order,
         )
         test_sampler = _RankShare(len(self.test_set), dist) if dist.enabled else None
@@ -223,8 +278,7 @@ class Training(loop.EpochLoop):
             self.test_set,
             batch_size=EVAL_BATCH_SIZE,
             sampler=test_sampler,
-            num_workers=config.workers,
-            pin_memory=pin,
+            **loading,
         )
         return train_loader, test_loader
 
@@ -273,20 +327,29 @@ class Training(loop.EpochLoop):
             self.dist.broadcast(layer.feedback)
         return time.perf_counter() - start
 
-    def train_epoch(self, epoch: int) -> tuple[float, float]:
+    def _inputs(self, inputs: torch.Tensor, targets: torch.Tensor):
+        inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        return inputs, targets.to(self.device, non_blocking=True)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
+
+    def train_epoch(self, epoch: int) -> tuple[float, ...]:
         self.train_model.train()
         if self.train_sampler is not None:
             self.train_sampler.set_epoch(epoch_seed(self.config.seed, epoch))
-        keeper = ScoreKeeper(self.multilabel)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr_at(epoch)
+        keeper = ScoreKeeper(self.multilabel, TOP_K if self.top_k else None)
         decay = self.config.feedback_decay
         batches = tqdm(
             self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.progress
         )
         for inputs, targets in batches:
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            logits = self.train_model(inputs)
-            loss = self.loss_fn(logits, targets)
+            inputs, targets = self._inputs(inputs, targets)
+            with self._autocast():
+                logits = self.train_model(inputs)
+                loss = self.loss_fn(logits, targets)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -300,14 +363,15 @@ class Training(loop.EpochLoop):
         return keeper.result(dist=self.dist)
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self) -> tuple[float, ...]:
         self.model.eval()
-        keeper = ScoreKeeper(self.multilabel)
+        keeper = ScoreKeeper(self.multilabel, TOP_K if self.top_k else None)
         for inputs, targets in self.test_loader:
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            logits = self.model(inputs)
-            keeper.add(self.loss_fn(logits, targets), logits, targets)
+            inputs, targets = self._inputs(inputs, targets)
+            with self._autocast():
+                logits = self.model(inputs)
+                loss = self.loss_fn(logits, targets)
+            keeper.add(loss, logits, targets)
         # The test loader keeps the dataset's order, so the mask's rows match the scores.
         ignore = _difficult_only(self.test_set)
         if ignore is not None and self.dist.enabled:
@@ -320,19 +384,31 @@ class Training(loop.EpochLoop):
         phase_s = 0.0
         if self.phase is not None and (epoch - 1) % self.config.rdd_every == 0:
             phase_s = self.run_phase(epoch)
-        train_loss, train_score = self.train_epoch(epoch)
-        test_loss, test_score = self.evaluate()
-        values = [epoch, train_loss, train_score, test_loss, test_score]
-        alignment = fc_alignment(self.model)
-        values += [alignment[layer][key] for layer in FC_LAYERS for key in ALIGNMENT_KEYS]
+        train = self.train_epoch(epoch)
+        test = self.evaluate()
+        values = [epoch, self.config.lr_at(epoch), train[0], train[1], test[0], test[1]]
+        if self.top_k:
+            values += [train[2], test[2]]
+        if self.config.arch == "paper":
+            alignment = fc_alignment(self.model)
+            values += [alignment[layer][key] for layer in FC_LAYERS for key in ALIGNMENT_KEYS]
+        else:
+            alignment = layer_alignment(self.model)
+            means = mean_alignment(alignment)
+            values += [means[key] for key in ALIGNMENT_KEYS]
         values += [phase_s, time.perf_counter() - start]
-        return dict(zip(metric_columns(self.multilabel), values, strict=True))
+        columns = metric_columns(self.multilabel, self.config.arch, self.top_k)
+        row = dict(zip(columns, values, strict=True))
+        if self.config.arch != "paper":
+            row["alignment"] = alignment  # every converted layer; metrics.jsonl only
+        return row
 
     def progress_postfix(self, row: dict) -> dict:
-        return {key: f"{row[key]:.3f}" for key in list(row)[3:5]}
+        shown = ("test_loss", "test_error", "test_map")
+        return {key: f"{row[key]:.3f}" for key in shown if key in row}
 
     def description(self) -> str:
-        return f"{self.config.rule} on {self.config.dataset}"
+        return f"{self.config.arch} {self.config.rule} on {self.config.dataset}"
 
     # -- checkpoint
     def state_dict(self) -> dict:

@@ -10,12 +10,12 @@ resumed run may change.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 import numpy as np
 
-from spikealign import data, feedback, models
+from spikealign import data, feedback, models, recipes
 from spikealign.errors import UserError
 
 FC_LAYERS = models.FC_LAYER_NAMES
@@ -42,6 +42,12 @@ class TrainConfig:
 
     dataset: str  # one of spikealign.data.DATASETS
     rule: str  # one of TRAIN_RULES
+    arch: str = "paper"  # one of spikealign.models.ARCHS
+    # last linear layer: "bp" (kept, the authors' default) or "rule"; None: "rule" for the paper
+    # net (all its layers learn with the rule), "bp" for the others
+    last_layer: str | None = None
+    feedback_scales: str = "default"  # "default" (the rules' own) or "xiao2019" (METHOD 8)
+    recipe: str | None = None  # spikealign.recipes entry whose values were applied (record only)
     data_dir: str = "data"
     download: bool = False
     image_size: int | None = None  # None: the dataset's own size
@@ -51,6 +57,9 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # the learning rate is multiplied by lr_gamma after each of these epochs
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
     feedback_decay: float = 0.0  # lambda: Y <- Y - lambda * Y after every step (fa / learned)
     # Options of feedback.convert; None keeps the rule's default (see rule_options).
     feedback_scale: float | None = None  # bound of randomly drawn feedback (default 1/sqrt(fan_in))
@@ -68,9 +77,27 @@ class TrainConfig:
     dist_backend: str = "auto"  # under torchrun: "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo"
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms (slower on CUDA)
-    workers: int = 0  # DataLoader worker processes
+    workers: int | None = None  # DataLoader worker processes; None: 8 per GPU (CPU cores
+    # allowing), 0 on the CPU
+    amp: bool = False  # bf16 autocast of forward and loss (CUDA and CPU)
+    channels_last: bool = False  # model and inputs in channels_last memory format
     limit_train: int | None = None  # train on a fixed random subset of this many examples
     limit_test: int | None = None  # test on a fixed random subset of this many examples
+
+    def __post_init__(self) -> None:
+        self.lr_milestones = list(self.lr_milestones)  # JSON and recipes give lists, flags tuples
+        if self.last_layer is None:
+            self.last_layer = "rule" if self.arch == "paper" else "bp"
+
+    @classmethod
+    def from_flags(cls, values: dict) -> TrainConfig:
+        """A new run's config: ``values`` (the flags given) over the values of ``values['recipe']``
+        (if any) over the defaults."""
+        name = values.get("recipe")
+        if name is None:
+            return cls(**values)
+        arch = values.get("arch", cls.arch)
+        return cls(**{**recipes.recipe_values(name, arch, values.get("rule")), **values})
 
     def validate(self) -> None:
         """Raise UserError naming the first invalid field."""
@@ -80,6 +107,45 @@ class TrainConfig:
             )
         if self.rule not in TRAIN_RULES:
             raise UserError(f"unknown rule {self.rule!r}; choose one of {', '.join(TRAIN_RULES)}")
+        if self.arch not in models.ARCHS:
+            raise UserError(f"unknown arch {self.arch!r}; choose one of {', '.join(models.ARCHS)}")
+        if self.last_layer not in models.LAST_LAYER_CHOICES:
+            raise UserError(
+                f"unknown last_layer {self.last_layer!r}; choose one of "
+                f"{', '.join(models.LAST_LAYER_CHOICES)}"
+            )
+        if self.feedback_scales not in models.FEEDBACK_SCALES:
+            raise UserError(
+                f"unknown feedback_scales {self.feedback_scales!r}; choose one of "
+                f"{', '.join(models.FEEDBACK_SCALES)}"
+            )
+        if self.feedback_scales != "default" and self.feedback_scale is not None:
+            raise UserError(
+                f"feedback_scale and feedback_scales {self.feedback_scales} both set the feedback "
+                "scale; give one of them"
+            )
+        if self.arch != "paper" and self.rule == "rdd":
+            raise UserError(
+                f"rule rdd learns the feedback of the paper net's fc layers; use --arch paper, "
+                f"or another rule with --arch {self.arch}"
+            )
+        if self.rule == "rdd" and self.last_layer != "rule":
+            raise UserError(
+                "rule rdd learns the feedback of fc1, fc2 and fc3, so fc3 cannot stay on "
+                "backprop; use --last-layer rule (the default for --arch paper)"
+            )
+        if self.recipe is not None and self.recipe not in recipes.RECIPES:
+            raise UserError(
+                f"unknown recipe {self.recipe!r}; choose one of {', '.join(recipes.RECIPES)}"
+            )
+        if any(m < 1 for m in self.lr_milestones) or self.lr_milestones != sorted(
+            set(self.lr_milestones)
+        ):
+            raise UserError(
+                f"lr_milestones must be increasing epochs >= 1, got {self.lr_milestones}"
+            )
+        if not 0 < self.lr_gamma <= 1:
+            raise UserError(f"lr_gamma must lie in (0, 1], got {self.lr_gamma}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.dist_backend not in ("auto", "nccl", "gloo"):
@@ -98,7 +164,7 @@ class TrainConfig:
                 "example per batch to compute its statistics"
             )
         for name in ("lr", "momentum", "weight_decay", "feedback_decay", "workers"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.seed < MAX_SEED:
             raise UserError(f"seed must lie in [0, 2**63), got {self.seed}")
@@ -136,6 +202,10 @@ class TrainConfig:
                 raise UserError(
                     f"{', '.join(given)}: only for rule {prefix}, but the rule is {self.rule}"
                 )
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of ``epoch`` (1-based): lr times lr_gamma per milestone already passed."""
+        return self.lr * self.lr_gamma ** sum(m < epoch for m in self.lr_milestones)
 
     def rule_options(self) -> dict:
         """Keyword options of feedback.convert for this rule (kp follows the SGD settings)."""

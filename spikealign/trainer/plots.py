@@ -19,6 +19,20 @@ def _labels(runs: Sequence[RunRecord]) -> list[str]:
     ]
 
 
+#: alignment columns a run can have: the paper net's fc layers, or the mean over all layers
+ALIGNMENT_GROUPS = (*FC_LAYERS, "mean")
+
+
+def _alignment_groups(runs: Sequence[RunRecord]) -> list[str]:
+    """The alignment column groups any of ``runs`` recorded (the paper's fc layers by default)."""
+    found = [
+        group
+        for group in ALIGNMENT_GROUPS
+        if any(run.rows and f"{group}_angle_deg" in run.rows[0] for run in runs)
+    ]
+    return found or list(FC_LAYERS)
+
+
 def plot_runs(runs: Sequence[RunRecord], fig_dir: str | Path) -> tuple[Path, Path]:
     """Write error.png (test error or mAP, train dashed) and alignment.png into ``fig_dir``."""
     # matplotlib's object API (Agg canvas): no pyplot, so the caller's backend is left alone.
@@ -54,16 +68,17 @@ def plot_runs(runs: Sequence[RunRecord], fig_dir: str | Path) -> tuple[Path, Pat
     error_path = fig_dir / ERROR_FIGURE
     _save_figure(figure, error_path)
 
-    figure = Figure(figsize=(11, 6), layout="constrained")
-    axes = figure.subplots(2, len(FC_LAYERS), sharex=True)
-    for column, layer in enumerate(FC_LAYERS):
+    groups = _alignment_groups(runs)
+    figure = Figure(figsize=(3.7 * len(groups), 6), layout="constrained")
+    axes = figure.subplots(2, len(groups), sharex=True, squeeze=False)
+    for column, layer in enumerate(groups):
         for run, label, color in zip(runs, labels, colors, strict=True):
             epochs = [row["epoch"] for row in run.rows]
             marker = "." if len(epochs) < 20 else None
             for row_axes, key in zip(axes[:, column], ("angle_deg", "sign_agreement"), strict=True):
-                values = [row[f"{layer}_{key}"] for row in run.rows]
+                values = [row.get(f"{layer}_{key}", float("nan")) for row in run.rows]
                 row_axes.plot(epochs, values, color=color, label=label, marker=marker)
-        axes[0, column].set_title(layer)
+        axes[0, column].set_title("mean over layers" if layer == "mean" else layer)
         axes[1, column].set_xlabel("epoch")
         axes[1, column].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].set_ylabel("angle between W and Y (deg)")
@@ -80,12 +95,16 @@ def _save_figure(figure, path: Path) -> None:
 
 def summary_table(runs: Iterable[RunRecord]) -> str:
     """Final figures per run: rule, dataset, epochs, test error (or mAP), fc angle / sign."""
+    runs = list(runs)
+    groups = _alignment_groups(runs)
     header = ["run", "rule", "dataset", "epochs", "test score"]
-    header += [f"{layer} angle/sign" for layer in FC_LAYERS]
+    header += [f"{layer} angle/sign" for layer in groups]
     lines = [header]
     for run in runs:
         if not run.rows:
-            lines.append([str(run.path), run.config.rule, run.config.dataset, "0", "-"] + ["-"] * 3)
+            lines.append(
+                [str(run.path), run.config.rule, run.config.dataset, "0", "-"] + ["-"] * len(groups)
+            )
             continue
         last = run.rows[-1]
         score_name = "mAP" if run.multilabel else "error"
@@ -96,9 +115,11 @@ def summary_table(runs: Iterable[RunRecord]) -> str:
             str(last["epoch"]),
             f"{score_name} {last[run.score_key]:.4f}",
         ]
+        nan = float("nan")
         line += [
-            f"{last[f'{layer}_angle_deg']:5.1f} / {last[f'{layer}_sign_agreement']:5.1f}"
-            for layer in FC_LAYERS
+            f"{last.get(f'{layer}_angle_deg', nan):5.1f} / "
+            f"{last.get(f'{layer}_sign_agreement', nan):5.1f}"
+            for layer in groups
         ]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

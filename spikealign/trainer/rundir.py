@@ -81,24 +81,30 @@ def write_atomic(path: Path, write: Callable[[io.IOBase], None], binary: bool = 
 
 
 def write_metrics(out_dir: Path, rows: Sequence[dict]) -> None:
-    """(Re)write metrics.csv and metrics.jsonl from all rows so far."""
-    columns = list(rows[0]) if rows else []
+    """(Re)write metrics.csv and metrics.jsonl from all rows so far.
+
+    The CSV holds a row's plain values; nested ones (per-layer alignment) go to the JSONL only.
+    """
+    columns = [key for key, value in rows[0].items() if not isinstance(value, dict)] if rows else []
 
     def write_csv(file):
-        writer = csv.DictWriter(file, fieldnames=columns)
+        writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
     write_atomic(out_dir / METRICS_CSV, write_csv)
     # JSON has no NaN: undefined values (dfa's alignment) are written as null.
-    json_rows = [{k: None if _is_nan(v) else v for k, v in row.items()} for row in rows]
+    json_rows = [_nan_to_none(row) for row in rows]
     write_atomic(
         out_dir / METRICS_JSONL, lambda f: f.writelines(json.dumps(r) + "\n" for r in json_rows)
     )
 
 
-def _is_nan(value) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+def _nan_to_none(value):
+    """``value`` with every float NaN (in nested dicts too) replaced by None."""
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def write_config(out_dir: Path, config) -> None:

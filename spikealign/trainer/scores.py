@@ -16,6 +16,13 @@ def classification_error(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return (logits.argmax(dim=1) != targets).sum()
 
 
+def top_k_error(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Number of examples whose target is not among the ``k`` highest logits (k capped at the
+    number of classes)."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top != targets[:, None]).all(dim=1).sum()
+
+
 def mean_average_precision(
     scores: np.ndarray, targets: np.ndarray, ignore: np.ndarray | None = None
 ) -> float:
@@ -35,10 +42,13 @@ def mean_average_precision(
 
 
 class ScoreKeeper:
-    """Accumulates loss and error (or scores for mAP) over the batches of one pass."""
+    """Accumulates loss and error (or scores for mAP) over the batches of one pass; with
+    ``top_k`` also the top-k error (single-label data)."""
 
-    def __init__(self, multilabel: bool):
+    def __init__(self, multilabel: bool, top_k: int | None = None):
         self.multilabel = multilabel
+        self.top_k = top_k
+        self._batch_top_k: list[torch.Tensor] = []
         self.count = 0
         self._batch_losses: list[torch.Tensor] = []
         self._batch_errors: list[torch.Tensor] = []
@@ -54,10 +64,13 @@ class ScoreKeeper:
             self._targets.append(targets.detach().cpu())
         else:
             self._batch_errors.append(classification_error(logits.detach(), targets))
+            if self.top_k is not None:
+                self._batch_top_k.append(top_k_error(logits.detach(), targets, self.top_k))
 
-    def result(self, ignore: torch.Tensor | None = None, dist=None) -> tuple[float, float]:
+    def result(self, ignore: torch.Tensor | None = None, dist=None) -> tuple[float, ...]:
         """(mean loss, error) or (mean loss, mAP) for multi-label data, ``ignore`` as in
-        :func:`mean_average_precision` (rows in the order the batches came).
+        :func:`mean_average_precision` (rows in the order the batches came); the top-k error
+        follows as a third value when the keeper has ``top_k``.
 
         ``dist`` (a :class:`~spikealign.trainer.distributed.Distributed`): the figures over the
         batches of every rank, so each rank returns the same global result.
@@ -65,11 +78,13 @@ class ScoreKeeper:
         device = self._batch_losses[0].device if self._batch_losses else torch.device("cpu")
         errors = torch.stack(self._batch_errors).sum() if self._batch_errors else 0
         # One tensor, one reduction and one device-to-host copy for the whole pass.
-        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        totals = torch.zeros(4, dtype=torch.float64, device=device)
         if self._batch_losses:
             totals[0] = torch.stack(self._batch_losses).sum()
         totals[1] = errors
         totals[2] = self.count
+        if self._batch_top_k:
+            totals[3] = torch.stack(self._batch_top_k).sum()
         scores = torch.cat(self._scores) if self._scores else None
         targets = torch.cat(self._targets) if self._targets else None
         if dist is not None and dist.enabled:
@@ -78,7 +93,7 @@ class ScoreKeeper:
             dist.all_reduce(totals)
             if self.multilabel:
                 scores, targets, ignore = _gather_rows(dist, scores, targets, ignore)
-        loss_sum, error_sum, count = totals.tolist()
+        loss_sum, error_sum, count, top_k_sum = totals.tolist()
         count = max(count, 1)
         if self.multilabel:
             score = mean_average_precision(
@@ -86,6 +101,8 @@ class ScoreKeeper:
             )
         else:
             score = error_sum / count
+        if self.top_k is not None:
+            return loss_sum / count, score, top_k_sum / count
         return loss_sum / count, score
 
 
