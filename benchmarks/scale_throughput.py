@@ -13,6 +13,11 @@ its throughput as a fraction of plain backprop's. Settings: float32, --amp (bf16
 
 Goal: usf, frsf, fa and learned at >= 0.90 of plain backprop in every setting.
 
+RetinaNet (``--models retinanet``, METHOD 8): torchvision's RetinaNet ResNet-50-FPN, 91 classes,
+every conv of trunk, FPN and heads converted; its batch is a list of ``--image-size`` x
+``5/3 --image-size`` images (800 x 1333 on a GPU, 256 x 426 on the CPU) with 4 random boxes each,
+and its loss is torchvision's (focal + box regression). Batch 8 on a GPU, 1 on the CPU.
+
 Clock: wall time on a GPU (synchronised). On the CPU the default is the process's CPU time
 (``--clock cpu``) with one torch thread: on a machine shared with other jobs, wall time mostly
 measures the neighbours, while the CPU time a step costs is what a rule adds or saves.
@@ -23,6 +28,7 @@ maker and a loss; everything else is shared.
     python benchmarks/scale_throughput.py                      # GPU: batch 256, < 3 min on an H100
     python benchmarks/scale_throughput.py --batch 8 --rounds 3 # CPU
     python benchmarks/scale_throughput.py --models resnet18 --settings amp+channels_last
+    python benchmarks/scale_throughput.py --models retinanet --settings fp32 amp --steps 2
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from spikealign import detection  # noqa: E402
 from spikealign.feedback import step_feedback  # noqa: E402
 from spikealign.models import alexnet_bn, convert_model, resnet18  # noqa: E402
 
@@ -53,6 +60,8 @@ GOAL_RULES = ("usf", "frsf", "fa", "learned")
 GOAL = 0.90
 SETTINGS = ("fp32", "amp", "channels_last", "amp+channels_last")
 NUM_CLASSES = 1000
+COCO_CLASSES = 91  # as torchvision's COCO detectors
+BOXES_PER_IMAGE = 4
 
 
 def classification_batch(batch: int, image_size: int, device) -> tuple[Tensor, Tensor]:
@@ -64,19 +73,63 @@ def classification_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Te
     return F.cross_entropy(model(inputs), targets)
 
 
+def detection_width(image_size: int) -> int:
+    """Long side of the detection images: 1333 for 800, COCO's usual bounds."""
+    return image_size * 5 // 3
+
+
+def build_retinanet(image_size: int) -> nn.Module:
+    # resize bounds equal to the synthetic images' size: the model's transform keeps them as is
+    return detection.build_retinanet(COCO_CLASSES, image_size, detection_width(image_size))
+
+
+def detection_batch(batch: int, image_size: int, device) -> tuple[list, list]:
+    """Random images in [0, 1] with random boxes (at least 16 px a side) and labels."""
+    height, width = image_size, detection_width(image_size)
+    images, targets = [], []
+    for _ in range(batch):
+        images.append(torch.rand(3, height, width, device=device))
+        corner = torch.rand(BOXES_PER_IMAGE, 2) * torch.tensor([width - 16, height - 16])
+        size = 16 + torch.rand(BOXES_PER_IMAGE, 2) * (torch.tensor([width, height]) - 16 - corner)
+        boxes = torch.cat([corner, corner + size], dim=1)
+        labels = torch.randint(1, COCO_CLASSES, (BOXES_PER_IMAGE,))
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+def detection_loss(model: nn.Module, images: list, targets: list) -> Tensor:
+    """RetinaNet's training loss: focal classification loss + box regression loss."""
+    return sum(model(images, targets).values())
+
+
 @dataclass(frozen=True)
 class BenchModel:
-    """One row of the model table."""
+    """One row of the model table: builder (given the image size), batch maker, loss, defaults."""
 
-    build: Callable[[], nn.Module]
+    build: Callable[[int], nn.Module]
     batch: Callable[[int, int, torch.device], tuple] = classification_batch
     loss: Callable[..., Tensor] = classification_loss
+    gpu_batch: int = 256
+    cpu_batch: int = 8
+    gpu_image_size: int = 224
+    cpu_image_size: int = 224
 
 
 MODELS: dict[str, BenchModel] = {
-    "resnet18": BenchModel(lambda: resnet18(NUM_CLASSES)),
-    "alexnet_bn": BenchModel(lambda: alexnet_bn(NUM_CLASSES)),
+    "resnet18": BenchModel(lambda size: resnet18(NUM_CLASSES)),
+    "alexnet_bn": BenchModel(lambda size: alexnet_bn(NUM_CLASSES)),
+    "retinanet": BenchModel(
+        build_retinanet,
+        detection_batch,
+        detection_loss,
+        8,
+        1,
+        gpu_image_size=800,
+        cpu_image_size=256,
+    ),  # fmt: skip
 }
+#: Models timed when --models is not given (RetinaNet takes minutes of its own; ask for it).
+DEFAULT_MODELS = ("resnet18", "alexnet_bn")
 
 
 class Variant:
@@ -119,10 +172,12 @@ def synchronize(device: torch.device) -> None:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def make_variants(name: str, setting: str, device: torch.device, clock) -> dict[str, Variant]:
+def make_variants(
+    name: str, setting: str, image_size: int, device: torch.device, clock
+) -> dict[str, Variant]:
     spec = MODELS[name]
     torch.manual_seed(0)
-    base = spec.build()
+    base = spec.build(image_size)
     models = {PLAIN: copy.deepcopy(base)}
     for rule in RULES:
         models[rule] = convert_model(copy.deepcopy(base), rule, last_layer="rule")
@@ -136,11 +191,14 @@ def make_variants(name: str, setting: str, device: torch.device, clock) -> dict[
     return variants
 
 
-def time_setting(name: str, setting: str, args, device) -> dict[str, list[float]]:
+def time_setting(
+    name: str, setting: str, batch_size: int, image_size: int, args, device
+) -> dict[str, list[float]]:
     """Seconds per step of every variant, one sample per round."""
-    variants = make_variants(name, setting, device, CLOCKS[args.clock])
-    inputs, *rest = MODELS[name].batch(args.batch, args.image_size, device)
-    if "channels_last" in setting:
+    variants = make_variants(name, setting, image_size, device, CLOCKS[args.clock])
+    inputs, *rest = MODELS[name].batch(batch_size, image_size, device)
+    if "channels_last" in setting and isinstance(inputs, Tensor):
+        # (a detector batches its image list itself; its channels_last weights set the layout)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     batch = (inputs, *rest)
     for variant in variants.values():
@@ -174,9 +232,13 @@ def report(name: str, setting: str, samples: dict[str, list[float]], batch: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, help="batch size (default 256 on GPU, 8 on CPU)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--batch", type=int, help="batch size (default 256 on GPU, 8 on CPU; retinanet 8, 1)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, help="image side (default 224; retinanet 800 on GPU, 256 on CPU)"
+    )
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--rounds", type=int, help="timed rounds (default 5 on GPU, 3 on CPU)")
     parser.add_argument("--steps", type=int, help="steps per round (default 4 on GPU, 1 on CPU)")
@@ -191,7 +253,6 @@ def main() -> None:
         parser.error("--clock cpu measures the CPU only; use wall on a GPU")
     if args.threads or not gpu:
         torch.set_num_threads(args.threads or 1)
-    args.batch = args.batch or (256 if gpu else 8)
     args.rounds = args.rounds or (5 if gpu else 3)
     args.steps = args.steps or (4 if gpu else 1)
     if gpu:
@@ -199,15 +260,18 @@ def main() -> None:
         where = torch.cuda.get_device_name(device)
     else:
         where = f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, {args.image_size}x{args.image_size} synthetic, "
+    print(f"torch {torch.__version__}, {where}, synthetic batches, "
           f"{args.rounds} rounds x {args.steps} steps, {args.clock} clock")  # fmt: skip
     random.seed(0)
     start = time.perf_counter()
     missed = []
     for name in args.models:
+        spec = MODELS[name]
+        batch = args.batch or (spec.gpu_batch if gpu else spec.cpu_batch)
+        image_size = args.image_size or (spec.gpu_image_size if gpu else spec.cpu_image_size)
         for setting in args.settings:
-            samples = time_setting(name, setting, args, device)
-            missed += report(name, setting, samples, args.batch)
+            samples = time_setting(name, setting, batch, image_size, args, device)
+            missed += report(f"{name} {image_size} px", setting, samples, batch)
     goal = ", ".join(GOAL_RULES)
     verdict = "met" if not missed else f"NOT met: {'; '.join(missed)}"
     print(f"\ngoal {goal} >= {GOAL:.2f} of plain backprop: {verdict}")
