@@ -172,11 +172,15 @@ def test_torchrun_two_processes_keep_identical_parameters(coco_dir, tmp_path):
     assert len(rows) == 1 and math.isfinite(float(rows[0]["train_loss"]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_amp_run(coco_dir, tmp_path):
-    out = tmp_path / "cuda"
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                          reason="needs CUDA"))],
+)  # fmt: skip
+def test_amp_run(coco_dir, tmp_path, device):
+    out = tmp_path / device
     argv = flags(coco_dir, out, "--rule", "usf", "--epochs", "1", "--amp")
-    argv[argv.index("--device") + 1] = "cuda"
+    argv[argv.index("--device") + 1] = device
     detect_cli.main(argv)
     row = read_csv(out / "metrics.csv")[0]
     assert math.isfinite(float(row["train_loss"])) and 0.0 <= float(row["AP"]) <= 1.0
