@@ -751,7 +751,7 @@ def _conservation(config: TheoryConfig, device: torch.device):
     for run, ((rule, seed), lr, count) in enumerate(zip(specs, run_lrs, steps, strict=True)):
         moved = {
             str(2 * layer): float(
-                (model.weights[layer][run] - start_weights[layer][run]).norm()
+                (model.weights[layer][run].detach() - start_weights[layer][run]).norm()
                 / start_weights[layer][run].norm()
             )
             for layer in range(len(model.weights))
