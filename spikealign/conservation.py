@@ -37,6 +37,7 @@ With a discrete step of size lr the drift grows in proportion to lr.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,7 @@ from spikealign.feedback import _FeedbackLayer
 
 __all__ = [
     "LAW_RULES",
+    "DriftTracker",
     "LayerPair",
     "Quantities",
     "conserved_quantities",
@@ -69,6 +71,7 @@ LAW_RULES = {
     "usf": "c |v_k|_1",
     "frsf": "<|m_k|, |v_k|>",
 }
+LAST_LAYER = "last weight layer: no layer above it"
 _NO_LAW = {
     "dfa": "dfa sends the output error, not delta_{l+1} B_{l+1}, so no law ties it to W_{l+1}",
     "brsf": "brsf redraws |M| at every step, so no fixed quantity ties B to W_{l+1}",
@@ -208,7 +211,7 @@ def _follow(name: str, node: fx.Node, modules: dict[str, nn.Module], scan: _Scan
             return
         (node,) = users
         if node.op == "output":
-            scan.skipped[name] = "last weight layer: no layer above it"
+            scan.skipped[name] = LAST_LAYER
             return
         if node.op == "call_module" and _is_weight_layer(modules[node.target]):
             break
@@ -360,3 +363,39 @@ def drift(q_start: dict[str, Tensor], q_now: dict[str, Tensor]) -> dict[str, flo
         else:
             result[name] = math.inf if change > 0 else 0.0
     return result
+
+
+class DriftTracker:
+    """Drift of a model's conserved quantities since the tracker was made (trainer metrics).
+
+    ``row()`` gives ``{"drift_<layer>": drift}`` for every pair with a law; the layers left out
+    are named once in a warning. ``state_dict`` / ``load_state_dict`` keep Q_k(0) across a resume.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.pairs = layer_pairs(model)
+        self.start = conserved_quantities(model, self.pairs)
+        left_out = {k: v for k, v in self.start.skipped.items() if v != LAST_LAYER}
+        if left_out:
+            reasons = "; ".join(f"{name}: {why}" for name, why in left_out.items())
+            warnings.warn(f"conservation: layers without a tracked law: {reasons}", stacklevel=2)
+
+    def row(self) -> dict[str, float]:
+        now = conserved_quantities(self.model, self.pairs)
+        return {f"drift_{name}": value for name, value in drift(self.start, now).items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "quantities": dict(self.start),
+            "incoming": dict(self.start.incoming),
+            "coupling": dict(self.start.coupling),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        start = Quantities()
+        start.update(state["quantities"])
+        start.incoming.update(state["incoming"])
+        start.coupling.update(state["coupling"])
+        start.skipped, start.rules = self.start.skipped, self.start.rules
+        self.start = start

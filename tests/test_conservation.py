@@ -173,3 +173,44 @@ def test_drift_normalisation():
     # max change 0.2 over mean(|3| + |2|, |1| + |2|) = 4
     assert drift(start, now)["a"] == pytest.approx(0.05)
     assert drift({"a": start["a"]}, now)["a"] == pytest.approx(0.2)  # plain dict: mean |Q_0|
+
+
+class PlainNet(nn.Module):
+    """fc1..fc3 without batch norm, so the trainer's fc bookkeeping works and laws hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(784, 24), nn.Linear(24, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+def test_trainer_tracks_conservation_and_resumes_it(tmp_path, monkeypatch):
+    from spikealign import trainer
+    from spikealign.trainer import classify
+
+    def build_plain(config, bundle):
+        torch.manual_seed(config.seed)
+        return convert(PlainNet(), config.rule)
+
+    monkeypatch.setattr(classify, "build_model", build_plain)
+    settings = dict(dataset="digits", rule="fa", limit_train=128, limit_test=64, batch_size=32,
+                    lr=0.005, momentum=0.0, device="cpu", track_conservation=True)  # fmt: skip
+    whole = trainer.train(trainer.TrainConfig(epochs=2, **settings), tmp_path / "a", progress=False)
+    assert {"drift_fc1", "drift_fc2"} <= set(whole[-1]) and "drift_fc3" not in whole[-1]
+    # the recorded drift is that of the initial and the final model
+    start = conserved_quantities(build_plain(trainer.TrainConfig(**settings), None))
+    final = convert(PlainNet(), "fa")
+    checkpoint = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    final.load_state_dict(checkpoint["model"])
+    expected = drift(start, conserved_quantities(final))
+    assert whole[-1]["drift_fc1"] == pytest.approx(expected["fc1"], rel=1e-6)
+    assert 0 < whole[-1]["drift_fc2"] < 1e-2
+    # a run resumed after epoch 1 keeps Q_k(0) and records the same drift
+    trainer.train(trainer.TrainConfig(epochs=1, **settings), tmp_path / "b", progress=False)
+    resumed = trainer.train(
+        trainer.TrainConfig(epochs=2, **settings), tmp_path / "b", resume=True, progress=False
+    )
+    assert resumed[-1]["drift_fc1"] == pytest.approx(whole[-1]["drift_fc1"], rel=1e-9)

@@ -68,6 +68,7 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes
     limit_train: int | None = None  # train on a fixed random subset of this many examples
     limit_test: int | None = None  # test on a fixed random subset of this many examples
+    track_conservation: bool = False  # drift of the conserved quantities per layer in the metrics
 
     def validate(self) -> None:
         """Raise UserError naming the first invalid field."""
