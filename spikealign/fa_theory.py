@@ -452,14 +452,16 @@ class Sweep:
 
 
 @torch.no_grad()
-def _accuracy(model: BatchedMLP, inputs: Tensor, index: Tensor, labels: Tensor) -> Tensor:
-    correct = torch.zeros(index.shape[0], device=inputs.device)
+def _predictions(model: BatchedMLP, inputs: Tensor, index: Tensor) -> Tensor:
+    """Predicted class (R, M) of the examples ``inputs[index]``, in chunks of ~16 MB of input."""
     chunk = max(1, 2**22 // max(inputs.shape[1], 1) // index.shape[0])
-    for start in range(0, index.shape[1], chunk):
-        rows = index[:, start : start + chunk]
-        logits = model(inputs[rows])
-        correct += (logits.argmax(-1) == labels[:, start : start + chunk]).sum(1)
-    return correct / index.shape[1]
+    return torch.cat(
+        [
+            model(inputs[index[:, start : start + chunk]]).argmax(-1)
+            for start in range(0, index.shape[1], chunk)
+        ],
+        dim=1,
+    )
 
 
 def _run_loss(kind: str, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -518,8 +520,11 @@ def train_sweep(sweep: Sweep, progress: bool = True, label: str = "") -> list[di
 def _evaluate(sweep: Sweep, epoch: int, start_quantities) -> dict:
     model = sweep.model
     row: dict = {"epoch": epoch}
+    predicted: dict[int, Tensor] = {}  # sets sharing an index tensor share the forward pass
     for name, (index, labels) in sweep.evals.items():
-        row[name] = _accuracy(model, sweep.inputs, index, labels).tolist()
+        if id(index) not in predicted:
+            predicted[id(index)] = _predictions(model, sweep.inputs, index)
+        row[name] = (predicted[id(index)] == labels).float().mean(1).tolist()
     if start_quantities is not None:
         model.refresh_feedback()
         now = [model.quantities(run) for run in range(model.runs)]
@@ -537,7 +542,7 @@ def _evaluate(sweep: Sweep, epoch: int, start_quantities) -> dict:
 
 
 @dataclass
-class _Data:
+class FlatData:
     """A dataset's two splits as flat float tensors (CPU) and int64 labels."""
 
     train_x: Tensor
@@ -558,13 +563,13 @@ def _stack(dataset) -> tuple[Tensor, Tensor]:
     return images.reshape(len(images), -1).float(), labels.long()
 
 
-def _load(name: str, data_dir: str, image_size: int | None = None) -> _Data:
+def _load(name: str, data_dir: str, image_size: int | None = None) -> FlatData:
     bundle = data.load_dataset(name, data_dir, image_size=image_size, augment=False)
     if bundle.multilabel:
         raise UserError(f"dataset {name} is multi-label; these experiments need single labels")
     train_x, train_y = _stack(bundle.train)
     test_x, test_y = _stack(bundle.test)
-    return _Data(train_x, train_y, test_x, test_y, bundle.num_classes)
+    return FlatData(train_x, train_y, test_x, test_y, bundle.num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -934,6 +939,18 @@ def noisy_subset(labels: Tensor, num_classes: int, size: int, seed: int) -> dict
 
 def _label_noise(config: TheoryConfig, device: torch.device):
     dataset = _load(config.dataset, config.data_dir)
+    sweep, specs, records = label_noise_sweep(config, dataset, device)
+    recipe, evals = sweep.recipe, sweep.evals
+    history = train_sweep(sweep, config.progress, "label-noise")
+    return _label_noise_results(config, specs, records, recipe, evals, history)
+
+
+def label_noise_sweep(config: TheoryConfig, dataset: FlatData, device: torch.device):
+    """(sweep, [(rule, seed)], {seed: noisy_subset record}) of the label-noise experiment.
+
+    ``config`` must be :func:`resolved`; ``dataset`` may be any flat data (the benchmark uses
+    random MNIST-shaped data).
+    """
     recipe = _recipe(config)
     seeds = [config.seed + offset for offset in range(config.seeds)]
     records = {
@@ -970,7 +987,10 @@ def _label_noise(config: TheoryConfig, device: torch.device):
         evals=evals,
         eval_every=_eval_every(config, recipe.epochs),
     )
-    history = train_sweep(sweep, config.progress, "label-noise")
+    return sweep, specs, records
+
+
+def _label_noise_results(config, specs, records, recipe, evals, history):
     final = {
         name: {
             rule: [history[-1][name][i] for i, (r, _) in enumerate(specs) if r == rule]
