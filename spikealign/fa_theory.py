@@ -130,6 +130,7 @@ class TheoryConfig:
     subset: int | None = None  # label-noise: training examples
     classes: tuple[int, ...] | None = None  # n-class: the values of n
     eval_every: int | None = None  # epochs between evaluations
+    arch: str = "mlp"  # "mlp" (batched); conservation also "convnet" (small_convnet, one by one)
     progress: bool = True
 
 
@@ -550,6 +551,7 @@ class FlatData:
     test_x: Tensor
     test_y: Tensor
     num_classes: int
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the flattened images
 
 
 def _stack(dataset) -> tuple[Tensor, Tensor]:
@@ -569,7 +571,8 @@ def _load(name: str, data_dir: str, image_size: int | None = None) -> FlatData:
         raise UserError(f"dataset {name} is multi-label; these experiments need single labels")
     train_x, train_y = _stack(bundle.train)
     test_x, test_y = _stack(bundle.test)
-    return FlatData(train_x, train_y, test_x, test_y, bundle.num_classes)
+    shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
+    return FlatData(train_x, train_y, test_x, test_y, bundle.num_classes, shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,6 +629,12 @@ def resolved(config: TheoryConfig) -> TheoryConfig:
         raise UserError(f"--lrs must be positive, got {full.lrs}")
     if full.scales is not None and min(full.scales) <= 0:
         raise UserError(f"--scales must be positive, got {full.scales}")
+    if full.arch not in ("mlp", "convnet") or (
+        full.arch == "convnet" and full.experiment != "conservation"
+    ):
+        raise UserError(
+            f"--arch {full.arch}: the experiments run the mlp; conservation also runs 'convnet'"
+        )
     if full.dataset is not None and full.dataset not in data.DATASETS:
         raise UserError(
             f"unknown dataset {full.dataset!r}; choose one of {', '.join(data.DATASETS)}"
@@ -726,6 +735,8 @@ def _conservation(config: TheoryConfig, device: torch.device):
                 specs.append((rule, seed))
                 run_lrs.append(lr)
                 steps.append(round(config.epochs * lrs[0] / lr))  # same time T = lr * steps
+    if config.arch == "convnet":
+        return _conservation_convnet(config, device, dataset, specs, run_lrs, steps)
     model, _ = build_batched(specs, dataset.train_x.shape[1], config.hidden, dataset.num_classes)
     model.to(device)
     inputs = dataset.train_x.to(device)
@@ -775,17 +786,77 @@ def _conservation(config: TheoryConfig, device: torch.device):
                 train_accuracy=history[-1]["train"][run],
             )
         )
+    figures = _conservation_figures(
+        config, specs, run_lrs, results, start_quantities, final, history
+    )
+    summary = {"runs": results, "drift_lr_slope": _slopes(config, results)}
+    return {**summary, "history": _nan_to_none(history)}, figures
+
+
+def _slopes(config: TheoryConfig, results: list[dict]) -> dict[str, float | None]:
+    """Log-log slope of the max drift against lr per rule (1: drift proportional to lr)."""
     slopes = {}
     for rule in config.rules:
         chosen = [r for r in results if r["rule"] == rule]
         x = np.log([r["lr"] for r in chosen])
         y = np.log([max(r["max_drift"], 1e-300) for r in chosen])
         slopes[rule] = float(np.polyfit(x, y, 1)[0]) if len(set(x)) > 1 else None
-    figures = _conservation_figures(
-        config, specs, run_lrs, results, start_quantities, final, history
-    )
-    summary = {"runs": results, "drift_lr_slope": slopes, "history": _nan_to_none(history)}
-    return summary, figures
+    return slopes
+
+
+def small_convnet(in_channels: int, image_size: int, num_classes: int) -> nn.Sequential:
+    """conv 3x3 (pad 1) C->8, relu, maxpool 2, conv 3x3 8->16, relu, maxpool 2, flatten, linear.
+
+    No batch norm, so both conv -> conv and conv -> linear (through the flatten) have a law.
+    """
+    side = image_size // 4
+    if side < 1:
+        raise UserError(f"small_convnet needs images of at least 4x4 pixels, got {image_size}")
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * side * side, num_classes),
+    )  # fmt: skip
+
+
+def _conservation_convnet(config, device, dataset: FlatData, specs, run_lrs, steps):
+    """The conservation experiment on ``small_convnet``: package models trained one by one."""
+    channels, height, width = dataset.image_shape
+    inputs = dataset.train_x.view(-1, channels, height, width).to(device)
+    labels = dataset.train_y.to(device)
+    results, start_quantities, final = [], [], []
+    for (rule, seed), lr, count in tqdm(
+        list(zip(specs, run_lrs, steps, strict=True)), desc="conservation (convnet)",
+        disable=not config.progress, leave=False,
+    ):  # fmt: skip
+        torch.manual_seed(seed)
+        model = feedback.convert(small_convnet(channels, height, dataset.num_classes), rule)
+        model.to(device)
+        pairs = conservation.layer_pairs(model)
+        start = conservation.conserved_quantities(model, pairs)
+        weights = {name: layer.weight.detach().clone() for name, layer in
+                   feedback.feedback_layers(model)}  # fmt: skip
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        for _ in range(count):  # full-batch gradient descent
+            loss = F.cross_entropy(model(inputs), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        now = conservation.conserved_quantities(model, pairs)
+        drift = conservation.drift(start, now)
+        with torch.no_grad():
+            accuracy = float((model(inputs).argmax(1) == labels).float().mean())
+        moved = {
+            name: float((layer.weight.detach() - weights[name]).norm() / weights[name].norm())
+            for name, layer in feedback.feedback_layers(model)
+        }
+        results.append(dict(rule=rule, seed=seed, lr=lr, steps=count, time=lr * count,
+                            drift=drift, max_drift=max(drift.values()), weight_change=moved,
+                            train_accuracy=accuracy, skipped=start.skipped))  # fmt: skip
+        start_quantities.append(start)
+        final.append(now)
+    figures = _conservation_figures(config, specs, run_lrs, results, start_quantities, final, None)
+    return {"runs": results, "drift_lr_slope": _slopes(config, results)}, figures
 
 
 def _conservation_figures(config, specs, run_lrs, results, start_q, final_q, history):
@@ -822,6 +893,8 @@ def _conservation_figures(config, specs, run_lrs, results, start_q, final_q, his
         )
         axes[column].legend(fontsize="small")
     figures["conservation_law.png"] = figure
+    if history is None:
+        return figures
 
     figure, (axes,) = _figure()
     for run, ((rule, _), lr) in enumerate(zip(specs, run_lrs, strict=True)):

@@ -218,3 +218,18 @@ def test_missing_dataset_is_one_line(tmp_path, capsys):
         cli.main(["label-noise", "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "MNIST not found" in lines[0] and "--download" in lines[0]
+
+
+def test_conservation_on_the_small_convnet(tmp_path):
+    config = fa_theory.TheoryConfig(
+        "conservation", arch="convnet", epochs=3, lrs=(0.2, 0.1), rules=("fa", "bp"),
+        device="cpu", progress=False,
+    )  # fmt: skip
+    summary = fa_theory.run_experiment(config, tmp_path)
+    for run in summary["runs"]:
+        assert set(run["drift"]) == {"0", "3"}  # conv -> conv and conv -> linear (flatten)
+        assert run["skipped"] == {"7": "last weight layer: no layer above it"}
+        assert run["max_drift"] < 0.05 and run["weight_change"]["0"] > 0
+    assert (tmp_path / "conservation_law.png").read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(UserError, match="--arch convnet"):
+        fa_theory.resolved(fa_theory.TheoryConfig("label-noise", arch="convnet"))

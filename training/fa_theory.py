@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="architecture: hidden widths of the ReLU MLP, e.g. 512,512 (default 512,512; "
         "conservation 128,128; min-norm 100)",
     )
+    parser.add_argument(
+        "--arch",
+        choices=("mlp", "convnet"),
+        default="mlp",
+        help="mlp (default, batched); conservation also convnet (small conv net, no batch norm)",
+    )
     parser.add_argument("--rules", type=_list(str), help="e.g. bp,fa,usf")
     parser.add_argument("--recipe", choices=tuple(fa_theory.RECIPES), help="SGD recipe of seed 000")
     parser.add_argument("--lrs", type=_list(float), help="conservation: learning rates")
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         subset=args.subset,
         classes=args.classes,
         eval_every=args.eval_every,
+        arch=args.arch,
         progress=not args.no_progress,
     )
     summary = fa_theory.run_experiment(config, args.out)
