@@ -58,6 +58,8 @@ from tqdm.auto import tqdm
 
 from spikealign import conservation, data, feedback, metrics
 from spikealign.errors import UserError
+from spikealign.trainer.distributed import resolve_device
+from spikealign.trainer.rundir import write_atomic
 
 __all__ = [
     "BATCHED_RULES",
@@ -132,16 +134,6 @@ class TheoryConfig:
     eval_every: int | None = None  # epochs between evaluations
     arch: str = "mlp"  # "mlp" (batched); conservation also "convnet" (small_convnet, one by one)
     progress: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda requested but CUDA is not available; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,7 +601,7 @@ def resolved(config: TheoryConfig) -> TheoryConfig:
             f"unknown experiment {config.experiment!r}; choose one of {', '.join(EXPERIMENTS)}"
         )
     values = {k: v for k, v in asdict(config).items() if v is not None}
-    full = replace(TheoryConfig(**{**_DEFAULTS[config.experiment], **values}))
+    full = TheoryConfig(**{**_DEFAULTS[config.experiment], **values})
     if full.recipe is not None and full.recipe not in RECIPES:
         raise UserError(f"unknown recipe {full.recipe!r}; choose a or b")
     for name in ("epochs", "seeds", "subset", "eval_every"):
@@ -683,8 +675,6 @@ def run_experiment(config: TheoryConfig, out_dir: str | Path) -> dict:
 
 
 def _write_json(path: Path, value) -> None:
-    from spikealign.trainer import write_atomic
-
     write_atomic(path, lambda file: json.dump(value, file, indent=1, default=_json_default))
 
 
@@ -697,8 +687,6 @@ def _json_default(value):
 
 
 def _save_figure(figure, path: Path) -> None:
-    from spikealign.trainer import write_atomic
-
     write_atomic(path, lambda file: figure.savefig(file, format="png", dpi=120), binary=True)
 
 

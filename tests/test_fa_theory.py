@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from spikealign import fa_theory
+from spikealign.conservation import conserved_quantities
 from spikealign.errors import UserError
 from spikealign.feedback import feedback_layers
 from training import fa_theory as cli
@@ -72,6 +73,12 @@ def test_batched_training_equals_the_package_layers():
                 model.biases[layer][run].detach(), package_layer.bias.detach(), rtol=1e-5,
                 atol=1e-6,
             )  # fmt: skip
+        # the batched quantities are the library's on the package model
+        package = conserved_quantities(reference[run])
+        batched = model.quantities(run)
+        assert list(batched) == list(package) == ["0", "2"]
+        for name in package:
+            torch.testing.assert_close(batched[name], package[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
