@@ -83,12 +83,28 @@ def test_batched_training_equals_the_package_layers():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batched_training_on_cuda_matches_cpu():
-    torch.backends.cuda.matmul.allow_tf32 = False
     cpu = batched_case("cpu")[1]
     cuda = batched_case("cuda")[1]
     for weight_cpu, weight_cuda in zip(cpu.weights, cuda.weights, strict=True):
         torch.testing.assert_close(weight_cuda.detach().cpu(), weight_cpu.detach(), rtol=1e-4,
                                    atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_experiments_run_on_cuda(tmp_path):
+    config = fa_theory.TheoryConfig(
+        "min-norm", epochs=500, scales=(1e-3, 1.0), device="cuda", progress=False
+    )
+    summary = fa_theory.run_experiment(config, tmp_path / "min-norm")
+    assert summary["device"].startswith("cuda")
+    distance = {(r["rule"], r["scale"]): r["relative_distance"] for r in summary["runs"]}
+    assert distance["fa", 1e-3] < 0.01 and distance["fa", 1.0] > 0.1
+    config = fa_theory.TheoryConfig(
+        "label-noise", dataset="digits", subset=500, epochs=2, hidden=(32,), device="cuda",
+        progress=False,
+    )  # fmt: skip
+    summary = fa_theory.run_experiment(config, tmp_path / "label-noise")
+    assert all(0 <= a <= 1 for accuracies in summary["final"]["test"].values() for a in accuracies)
 
 
 def test_batched_sgd_step_equals_torch_sgd():
