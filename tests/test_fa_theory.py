@@ -256,3 +256,19 @@ def test_conservation_on_the_small_convnet(tmp_path):
     assert (tmp_path / "conservation_law.png").read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(UserError, match="--arch convnet"):
         fa_theory.resolved(fa_theory.TheoryConfig("label-noise", arch="convnet"))
+
+
+def test_n_class_on_digits(tmp_path):
+    config = fa_theory.TheoryConfig(
+        "n-class", dataset="digits", classes=(2, 3), epochs=2, hidden=(16,), device="cpu",
+        progress=False,
+    )  # fmt: skip
+    summary = fa_theory.run_experiment(config, tmp_path)
+    runs = summary["runs"]
+    assert [(r["n"], r["rule"]) for r in runs] == [(2, "bp"), (2, "fa"), (3, "bp"), (3, "fa")]
+    for run in runs:
+        assert len(set(run["classes"])) == run["n"]
+        assert run["classes"] == fa_theory.class_subset(10, run["n"], 0).tolist()
+        assert 0 <= run["test_accuracy"] <= 1
+    assert runs[0]["angle_deg"]["2"] == pytest.approx(0.0, abs=1e-3)  # bp: B = W
+    assert (tmp_path / "n_class.png").read_bytes().startswith(PNG_MAGIC)
