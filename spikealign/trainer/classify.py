@@ -28,6 +28,7 @@ change its results), so every rank trains with the same feedback.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -144,13 +145,17 @@ class Training(loop.EpochLoop):
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
 
-        self.bundle = data.load_dataset(
+        load = functools.partial(
+            data.load_dataset,
             config.dataset,
             config.data_dir,
-            download=config.download and self.dist.is_main,
             image_size=config.image_size,
             augment=config.augment,
         )
+        if config.download and self.dist.enabled:
+            # One rank downloads; the others wait and read what it wrote.
+            self.dist.on_main(lambda: load(download=True))
+        self.bundle = load(download=config.download and not self.dist.enabled)
         self.multilabel = self.bundle.multilabel
         self.train_set = _subset(self.bundle.train, config.limit_train)
         self.test_set = _subset(self.bundle.test, config.limit_test)
@@ -289,6 +294,7 @@ class Training(loop.EpochLoop):
                     for decayed in self.decayed_feedback:
                         decayed.mul_(1.0 - decay)
             keeper.add(loss, logits, targets)
+        self.dist.sync_buffers(self.model)
         return keeper.result(dist=self.dist)
 
     @torch.no_grad()
