@@ -11,6 +11,8 @@ phase      one feedback-training phase: simulate, estimate beta, update the feed
 spikelog   the HDF5 spike-log format (writer and reader)
 data       datasets (torchvision) and the offline ``digits`` set
 trainer    the training loop alternating the spiking phase with forward learning
+conservation  conserved quantities of feedback alignment, sign symmetry and backprop (METHOD 9)
+fa_theory  batched sweeps and the experiments on feedback alignment's implicit regularisation
 """
 
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ through W_{l+1}'s feedback), brsf (|M| redrawn at every step), a batch norm or a
 non-homogeneous op (tanh, softmax, addition of a residual branch) between the two layers, a layer
 whose output feeds more than one module. kp and wm change B, so their Q_k uses the current B and is
 conserved only while B stays put. Weight decay breaks every law; momentum keeps it only in the
-gradient-flow limit (lr -> 0).
+gradient-flow limit (lr -> 0); the trainer's feedback decay shrinks B and breaks the fa law.
 
 Drift (``drift``): per layer ``max_k |Q_k(t) - Q_k(0)| / mean_k (|0.5 |w_k(0)|^2| + |C_k(0)|)``.
 The denominator is the size of the two terms that Q_k balances, not ``mean_k |Q_k(0)|``, which can
@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from spikealign.errors import UserError
-from spikealign.feedback import _FeedbackLayer
+from spikealign.feedback import FeedbackConv2d, FeedbackLinear
+
+_FEEDBACK_LAYERS = (FeedbackLinear, FeedbackConv2d)
 
 __all__ = [
     "LAW_RULES",
@@ -131,13 +133,13 @@ class _LayerTracer(fx.Tracer):
     """torch.fx tracer that keeps Linear / Conv2d / feedback layers as opaque calls."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        if _is_weight_layer(module) or isinstance(module, _FeedbackLayer):
+        if _is_weight_layer(module) or isinstance(module, _FEEDBACK_LAYERS):
             return True
         return super().is_leaf_module(module, qualified_name)
 
 
 def _rule_of(module: nn.Module) -> str:
-    return module.rule if isinstance(module, _FeedbackLayer) else "bp"
+    return module.rule if isinstance(module, _FEEDBACK_LAYERS) else "bp"
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -242,7 +244,7 @@ def _follow(name: str, node: fx.Node, modules: dict[str, nn.Module], scan: _Scan
     if rule not in LAW_RULES:
         scan.skipped[name] = f"the layer above ('{upper_name}') uses rule {rule}, which has no law"
         return
-    if isinstance(upper, _FeedbackLayer) and upper.feedback.shape != upper.weight.shape:
+    if isinstance(upper, _FEEDBACK_LAYERS) and upper.feedback.shape != upper.weight.shape:
         scan.skipped[name] = f"the feedback of '{upper_name}' is not weight-shaped"
         return
     channels = lower.out_features if isinstance(lower, nn.Linear) else lower.out_channels
