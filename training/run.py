@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto picks CUDA when present" + _default("device"),
     )
     run.add_argument(
+        "--track-conservation",
+        action="store_true",
+        default=None,
+        help="write each epoch's drift of the conserved quantities per layer (docs/fa_theory.md)",
+    )
+    run.add_argument(
         "--deterministic",
         action="store_true",
         default=None,

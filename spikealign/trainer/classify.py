@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from spikealign import data, feedback, metrics, models
+from spikealign import conservation, data, feedback, metrics, models
 from spikealign.errors import UserError
 from spikealign.trainer import distributed, loop
 from spikealign.trainer.config import (
@@ -237,6 +237,10 @@ class Training(loop.EpochLoop):
             if layer.rule in ("fa", "learned")
         ]
         self.phase = self._make_phase() if config.rule == "rdd" else None
+        # Q_k(0) of METHOD 9 (restored from the checkpoint on resume), for drift_<layer> columns
+        self.conservation = (
+            conservation.DriftTracker(self.model) if config.track_conservation else None
+        )
 
     def _loaders(self) -> tuple[DataLoader, DataLoader]:
         config, dist = self.config, self.dist
@@ -401,6 +405,8 @@ class Training(loop.EpochLoop):
         row = dict(zip(columns, values, strict=True))
         if self.config.arch != "paper":
             row["alignment"] = alignment  # every converted layer; metrics.jsonl only
+        if self.conservation is not None:
+            row.update(self.conservation.row())
         return row
 
     def progress_postfix(self, row: dict) -> dict:
@@ -416,6 +422,7 @@ class Training(loop.EpochLoop):
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "phase": numpy_to_torch(self.phase.state_dict()) if self.phase else None,
+            "conservation": self.conservation.state_dict() if self.conservation else None,
         }
 
     def load_state_dict(self, checkpoint: dict) -> None:
@@ -429,6 +436,8 @@ class Training(loop.EpochLoop):
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.phase is not None:
             self.phase.load_state_dict(torch_to_numpy(checkpoint["phase"]))
+        if self.conservation is not None:
+            self.conservation.load_state_dict(checkpoint["conservation"])
 
     def finish(self) -> None:
         plot_runs([RunRecord(self.out_dir, self.config, self.history)], self.out_dir)

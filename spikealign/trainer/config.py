@@ -83,6 +83,7 @@ class TrainConfig:
     channels_last: bool = False  # model and inputs in channels_last memory format
     limit_train: int | None = None  # train on a fixed random subset of this many examples
     limit_test: int | None = None  # test on a fixed random subset of this many examples
+    track_conservation: bool = False  # drift of the conserved quantities per layer in the metrics
 
     def __post_init__(self) -> None:
         self.lr_milestones = list(self.lr_milestones)  # JSON and recipes give lists, flags tuples
