@@ -227,7 +227,9 @@ class DeviceDataset:
         flip = torch.rand(count, generator=generator) < self.pipeline.flip_p
         return Augmentation(top, left, flip)
 
-    def batch(self, index: Tensor, augmentation: Augmentation | None = None) -> tuple[Tensor, Tensor]:
+    def batch(
+        self, index: Tensor, augmentation: Augmentation | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(inputs float32 B x C x H x W, targets) of the examples ``index`` (on the device)."""
         images = self.images.index_select(0, index)
         if self.pipeline is None:  # ready images (digits)
@@ -297,7 +299,9 @@ class DeviceLoader:
             )
 
 
-def device_dataset(dataset: Dataset, device, budget_bytes: int | None = None) -> DeviceDataset | None:
+def device_dataset(
+    dataset: Dataset, device, budget_bytes: int | None = None
+) -> DeviceDataset | None:
     """``dataset`` as a :class:`DeviceDataset` on ``device``, or None when it cannot be one.
 
     None for datasets read from files per image, transforms the batched version does not
