@@ -189,6 +189,9 @@ class Augmentation:
     def __getitem__(self, part: slice) -> Augmentation:
         return Augmentation(self.top[part], self.left[part], self.flip[part])
 
+    def to(self, device) -> Augmentation:
+        return Augmentation(self.top.to(device), self.left.to(device), self.flip.to(device))
+
 
 class DeviceDataset:
     """Images (uint8, or float when already normalised) and targets on one device."""
@@ -210,6 +213,11 @@ class DeviceDataset:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored images."""
+        return self.images.numel() * self.images.element_size()
 
     @property
     def augments(self) -> bool:
@@ -243,10 +251,8 @@ class DeviceDataset:
         """One gather: pixel (r, c) of image b <- padded_b[t_b + r, l_b + (W-1-c if f_b else c)]."""
         padding = self.pipeline.crop_padding
         padded = F.pad(images, (padding,) * 4) if padding else images
-        top, left, flip = (
-            value.to(self.device, non_blocking=True)
-            for value in (augmentation.top, augmentation.left, augmentation.flip)
-        )
+        augmentation = augmentation.to(self.device)  # no copy when the loader moved it already
+        top, left, flip = augmentation.top, augmentation.left, augmentation.flip
         width = len(self._cols)
         cols = torch.where(flip[:, None], width - 1 - self._cols, self._cols)
         rows = top[:, None] + self._rows  # B x H
@@ -259,8 +265,12 @@ class DeviceDataset:
 class DeviceLoader:
     """Batches of a :class:`DeviceDataset`, like a DataLoader over the per-image dataset.
 
-    ``shuffle``: a new random order per pass; ``drop_last``: leave out the last incomplete batch.
-    Random draws come from ``generator`` (CPU; None: torch's global generator).
+    ``shuffle``: a new random order per pass; ``drop_last``: leave out the last incomplete batch;
+    ``augment``: random crop / flip as the dataset's pipeline says. Random draws come from
+    ``generator`` (CPU; None: torch's global generator). ``shard = (rank, world_size)``: this
+    process's share under torchrun, every ``world_size``-th position of the pass from ``rank``
+    (every rank draws the same order; with ``drop_last`` the order is first cut to a multiple of
+    ``world_size``, as DistributedSampler does).
     """
 
     def __init__(
@@ -272,6 +282,7 @@ class DeviceLoader:
         drop_last: bool = False,
         augment: bool = False,
         generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         self.dataset = dataset
         self.batch_size = batch_size
@@ -279,9 +290,17 @@ class DeviceLoader:
         self.drop_last = drop_last
         self.augment = augment
         self.generator = generator
+        self.rank, self.world_size = shard
+
+    def _positions(self) -> range:
+        """Positions of the pass's order that this rank takes."""
+        count = len(self.dataset)
+        if self.drop_last:
+            count -= count % self.world_size
+        return range(self.rank, count, self.world_size)
 
     def __len__(self) -> int:
-        count = len(self.dataset)
+        count = len(self._positions())
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -291,7 +310,16 @@ class DeviceLoader:
         else:
             order = torch.arange(count)
         augmentation = self.dataset.draw(count, self.generator) if self.augment else None
-        order = order.to(self.dataset.device, non_blocking=True)
+        positions = self._positions()
+        if self.world_size > 1:
+            share = slice(positions.start, positions.stop, positions.step)
+            order = order[share]
+            augmentation = None if augmentation is None else augmentation[share]
+        # one copy per pass to the device, none per batch (a copy from pageable memory waits for
+        # the device, a host sync)
+        order = order.to(self.dataset.device)
+        if augmentation is not None:
+            augmentation = augmentation.to(self.dataset.device)
         for batch in range(len(self)):
             part = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
             yield self.dataset.batch(

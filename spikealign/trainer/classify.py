@@ -19,6 +19,15 @@ Loss: cross-entropy on the logits (single-label); binary cross-entropy on the lo
 data (VOC), which is scored by mean average precision (average precision per class, averaged over
 the classes with at least one positive example) instead of the error ``1 - accuracy``.
 
+Speed (docs/training.md): datasets held in memory go onto the training device once as uint8 and
+are shuffled, cropped, flipped and normalised there in whole batches (:mod:`spikealign.device_data`;
+``loader``); the optimiser is fused SGD on CUDA; losses and errors stay on the device until the end
+of a pass; ``compile`` runs forward and backward through ``torch.compile``. With ``rdd_overlap``
+the spiking phase for epoch e+1 runs in a background thread during epoch e, from the fc weights and
+feedback at the start of epoch e (one epoch staler than the paper's schedule, where it sees the
+weights at the end of epoch e); its feedback is applied at the start of epoch e+1, as without
+overlap. The phase before epoch 1 runs before it, as usual.
+
 The epoch loop, checkpoints, exact resume and the run directory are
 :mod:`spikealign.trainer.loop`'s; several processes under ``torchrun`` are
 :mod:`spikealign.trainer.distributed`'s. With rule ``rdd`` on several processes, rank 0 runs the
@@ -30,8 +39,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from spikealign import data, feedback, metrics, models
+from spikealign import data, device_data, feedback, metrics, models
 from spikealign.errors import UserError
 from spikealign.trainer import distributed, loop
 from spikealign.trainer.config import (
@@ -49,6 +60,7 @@ from spikealign.trainer.config import (
     FC_LAYERS,
     RDD_LAYER_RULES,
     TrainConfig,
+    default_workers,
     epoch_seed,
 )
 from spikealign.trainer.plots import plot_runs
@@ -69,6 +81,10 @@ SUBSET_SEED = 0
 #: Rules whose ``.feedback`` buffer holds the copy made at the last backward pass (before the last
 #: optimiser step); ``refresh`` recomputes it from the current weight.
 REFRESHED_RULES = ("bp", "usf", "frsf", "brsf")
+#: Rules with an update after every optimiser step (feedback.step_feedback).
+STEPPED_RULES = ("kp", "wm")
+#: torch.compile backend of ``compile``; the tests use "aot_eager" (the same tracing, no codegen).
+COMPILE_BACKEND = "inductor"
 
 
 def metric_columns(multilabel: bool) -> list[str]:
@@ -129,6 +145,41 @@ class _RankShare(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+@dataclass
+class PendingFeedback:
+    """A finished spiking phase's feedback of fc1..fc3, to be set before ``epoch``."""
+
+    epoch: int
+    feedbacks: list[torch.Tensor]
+    wall_s: float  # the phase's own wall time
+
+
+class _BackgroundPhase:
+    """``simulate(*args)`` in a thread; :meth:`result` waits and re-raises its error here.
+
+    A thread suffices: the phase's simulation is a separate program and its estimation mostly
+    numpy, both outside the GIL, while the training loop waits on the device.
+    """
+
+    def __init__(self, simulate, *args):
+        self._result = self._error = None
+
+        def target():
+            try:
+                self._result = simulate(*args)
+            except BaseException as err:  # handed to the training thread
+                self._error = err
+
+        self._thread = threading.Thread(target=target, name="spiking-phase", daemon=True)
+        self._thread.start()
+
+    def result(self) -> PendingFeedback:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 class Training(loop.EpochLoop):
     """State of one run: data, model, optimiser, spiking phase, history. Use :func:`train`."""
 
@@ -159,6 +210,7 @@ class Training(loop.EpochLoop):
                 f"the training set has {len(self.train_set)} examples, fewer than one batch of "
                 f"{config.batch_size}; lower --batch-size or raise --limit-train"
             )
+        self.loader_kind = "dataloader"  # or "device", set by _loaders
         self.train_loader, self.test_loader = self._loaders()
         self.loss_fn = nn.BCEWithLogitsLoss() if self.multilabel else nn.CrossEntropyLoss()
 
@@ -176,18 +228,70 @@ class Training(loop.EpochLoop):
             lr=config.lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
+            # one kernel for the whole update on CUDA; the CPU keeps the reference loop
+            fused=True if self.device.type == "cuda" else None,
         )
         self.decayed_feedback = [
             layer.feedback
             for _, layer in feedback.feedback_layers(self.model)
             if layer.rule in ("fa", "learned")
         ]
+        self.forward_loss = (
+            self._forward_loss if config.compile == "off" else self._compiled_forward_loss()
+        )
         self.phase = self._make_phase() if config.rule == "rdd" else None
+        #: rdd_overlap: the phase running in the background, and the finished one's result
+        self.background: _BackgroundPhase | None = None
+        self.pending: PendingFeedback | None = None
 
-    def _loaders(self) -> tuple[DataLoader, DataLoader]:
+    def _loaders(self):
+        """(train, test) loaders: on the device when ``loader`` allows and the data fit."""
+        config = self.config
+        batch_size = self.dist.local_batch_size(config.batch_size)
+        if config.loader != "dataloader":
+            loaders = self._device_loaders(batch_size)
+            if loaders is not None:
+                self.loader_kind = "device"
+                return loaders
+            if config.loader == "device":
+                raise UserError(
+                    f"--loader device: {config.dataset} cannot be held on {self.device} (images "
+                    "read from files, a transform the batched version lacks, or too large); "
+                    "use --loader auto or dataloader"
+                )
+        return self._data_loaders(batch_size)
+
+    def _device_loaders(self, batch_size: int):
+        budget = None
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+            budget = int(device_data.CUDA_MEMORY_SHARE * free)
+        train = device_data.device_dataset(self.train_set, self.device, budget)
+        if train is None:
+            return None
+        test = device_data.device_dataset(
+            self.test_set, self.device, None if budget is None else budget - train.nbytes
+        )
+        if test is None:
+            return None
+        shard = (self.dist.rank, self.dist.world_size)
+        self.train_sampler = None
+        train_loader = device_data.DeviceLoader(
+            train,
+            batch_size,
+            shuffle=True,
+            drop_last=True,  # as the DataLoader (see there)
+            augment=True,
+            generator=self.generator,
+            shard=shard,
+        )
+        test_loader = device_data.DeviceLoader(test, EVAL_BATCH_SIZE, shard=shard)
+        return train_loader, test_loader
+
+    def _data_loaders(self, batch_size: int) -> tuple[DataLoader, DataLoader]:
         config, dist = self.config, self.dist
         pin = self.device.type == "cuda"
-        batch_size = dist.local_batch_size(config.batch_size)
+        workers = default_workers() if config.workers is None else config.workers
         # drop_last: a last batch of one example would break batch norm; the examples left out
         # differ from epoch to epoch.
         if dist.enabled:
@@ -203,7 +307,7 @@ class Training(loop.EpochLoop):
             self.train_set,
             batch_size=batch_size,
             drop_last=True,
-            num_workers=config.workers,
+            num_workers=workers,
             pin_memory=pin,
             **train_order,
         )
@@ -212,10 +316,31 @@ class Training(loop.EpochLoop):
             self.test_set,
             batch_size=EVAL_BATCH_SIZE,
             sampler=test_sampler,
-            num_workers=config.workers,
+            num_workers=workers,
             pin_memory=pin,
         )
         return train_loader, test_loader
+
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor):
+        logits = self.train_model(inputs)
+        return self.loss_fn(logits, targets), logits
+
+    def _compiled_forward_loss(self):
+        """``_forward_loss`` through torch.compile: forward and (AOTAutograd) backward."""
+        if self.config.rule == "dfa":
+            raise UserError(
+                "--compile does not support rule dfa (its output-error hooks run outside the "
+                "compiled graph and its gradients would be wrong); leave out --compile"
+            )
+        if self.device.type == "cpu" and COMPILE_BACKEND == "inductor":
+            compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+            if not any(name and shutil.which(name) for name in compilers):
+                raise UserError(
+                    "--compile on the CPU needs a C++ compiler (g++ or clang++) and none was "
+                    "found; install one or leave out --compile"
+                )
+        mode = None if self.config.compile == "default" else self.config.compile
+        return torch.compile(self._forward_loss, mode=mode, backend=COMPILE_BACKEND)
 
     # -- data description stored in the checkpoint, to refuse resuming on other data
     def data_signature(self) -> dict:
@@ -242,25 +367,69 @@ class Training(loop.EpochLoop):
         )
         return FeedbackPhase(sizes, config=phase_config, progress=self.progress)
 
+    def _phase_inputs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Copies of the fc weights and feedback, as the phase reads them (float64, CPU)."""
+        layers = [layer for _, layer in models.fc_layers(self.model)]
+        weights = [layer.weight.detach().cpu().double().numpy() for layer in layers]
+        feedbacks = [layer.feedback.detach().cpu().double().numpy() for layer in layers]
+        return weights, feedbacks
+
+    def _simulate_phase(self, epoch: int, weights, feedbacks) -> PendingFeedback:
+        """Run the phase before ``epoch`` (rank 0) from the given matrices; nothing is applied."""
+        self.phase.config = replace(self.phase.config, seed=epoch_seed(self.config.seed, epoch))
+        log_path = spike_log_path(self.out_dir, epoch)
+        log_path.parent.mkdir(exist_ok=True)
+        start = time.perf_counter()
+        result = self.phase.run(weights=weights, feedbacks=feedbacks, log_path=log_path)
+        feedbacks = [torch.from_numpy(np.asarray(f)) for f in result.feedbacks]
+        return PendingFeedback(epoch, feedbacks, time.perf_counter() - start)
+
+    def _apply_feedback(self, pending: PendingFeedback | None) -> None:
+        """Set the fc feedback from ``pending`` (rank 0) and broadcast it to every rank."""
+        layers = [layer for _, layer in models.fc_layers(self.model)]
+        if pending is not None:
+            for layer, new_feedback in zip(layers, pending.feedbacks, strict=True):
+                layer.set_feedback(new_feedback)
+        for layer in layers:
+            self.dist.broadcast(layer.feedback)
+
     def run_phase(self, epoch: int) -> float:
         """The spiking feedback-training phase before ``epoch``; returns its wall time in s.
 
-        On several ranks rank 0 runs it and every rank receives its feedback.
+        On several ranks rank 0 runs it and every rank receives its feedback. With
+        ``rdd_overlap`` the phase has run in the background during the previous epoch (or comes
+        from the checkpoint); only the first epoch's phase runs here.
         """
-        layers = [layer for _, layer in models.fc_layers(self.model)]
         start = time.perf_counter()
+        pending = None
         if self.dist.is_main:
-            weights = [layer.weight.detach().cpu().double().numpy() for layer in layers]
-            feedbacks = [layer.feedback.detach().cpu().double().numpy() for layer in layers]
-            self.phase.config = replace(self.phase.config, seed=epoch_seed(self.config.seed, epoch))
-            log_path = spike_log_path(self.out_dir, epoch)
-            log_path.parent.mkdir(exist_ok=True)
-            result = self.phase.run(weights=weights, feedbacks=feedbacks, log_path=log_path)
-            for layer, new_feedback in zip(layers, result.feedbacks, strict=True):
-                layer.set_feedback(torch.from_numpy(np.asarray(new_feedback)))
-        for layer in layers:
-            self.dist.broadcast(layer.feedback)
+            if self.pending is not None:
+                if self.pending.epoch != epoch:
+                    raise RuntimeError(f"phase of epoch {self.pending.epoch} before epoch {epoch}")
+                pending, self.pending = self.pending, None
+            else:
+                pending = self._simulate_phase(epoch, *self._phase_inputs())
+        self._apply_feedback(pending)
+        if pending is not None and self.config.rdd_overlap:
+            return pending.wall_s
         return time.perf_counter() - start
+
+    def _phase_due(self, epoch: int) -> bool:
+        return self.phase is not None and (epoch - 1) % self.config.rdd_every == 0
+
+    def _start_background_phase(self, epoch: int) -> None:
+        """rdd_overlap: start the phase before ``epoch + 1`` from the matrices as they are now."""
+        if not (self.config.rdd_overlap and self.dist.is_main):
+            return
+        if not self._phase_due(epoch + 1) or epoch + 1 > self.config.epochs:
+            return
+        self.phase.progress = False  # its bar would cut through the epoch's
+        self.background = _BackgroundPhase(self._simulate_phase, epoch + 1, *self._phase_inputs())
+
+    def _finish_background_phase(self) -> None:
+        if self.background is not None:
+            background, self.background = self.background, None
+            self.pending = background.result()
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         self.train_model.train()
@@ -268,22 +437,26 @@ class Training(loop.EpochLoop):
             self.train_sampler.set_epoch(epoch_seed(self.config.seed, epoch))
         keeper = ScoreKeeper(self.multilabel)
         decay = self.config.feedback_decay
+        stepped = self.config.rule in STEPPED_RULES
+        graphs = self.config.compile == "reduce-overhead"
         batches = tqdm(
             self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.progress
         )
+        # No host sync per step: nothing here reads a value back (the keeper sums on the device).
         for inputs, targets in batches:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            logits = self.train_model(inputs)
-            loss = self.loss_fn(logits, targets)
+            if graphs:  # CUDA graphs: the last step's outputs have been used
+                torch.compiler.cudagraph_mark_step_begin()
+            loss, logits = self.forward_loss(inputs, targets)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            feedback.step_feedback(self.model)
+            if stepped:
+                feedback.step_feedback(self.model)
             if decay:
                 with torch.no_grad():
-                    for decayed in self.decayed_feedback:
-                        decayed.mul_(1.0 - decay)
+                    torch._foreach_mul_(self.decayed_feedback, 1.0 - decay)
             keeper.add(loss, logits, targets)
         return keeper.result(dist=self.dist)
 
@@ -306,10 +479,14 @@ class Training(loop.EpochLoop):
         """Phase (rdd), one training pass and the test; returns the epoch's metrics row."""
         start = time.perf_counter()
         phase_s = 0.0
-        if self.phase is not None and (epoch - 1) % self.config.rdd_every == 0:
+        if self._phase_due(epoch):
             phase_s = self.run_phase(epoch)
-        train_loss, train_score = self.train_epoch(epoch)
-        test_loss, test_score = self.evaluate()
+        self._start_background_phase(epoch)
+        try:
+            train_loss, train_score = self.train_epoch(epoch)
+            test_loss, test_score = self.evaluate()
+        finally:  # also on an error: no phase may outlive its epoch
+            self._finish_background_phase()
         values = [epoch, train_loss, train_score, test_loss, test_score]
         alignment = fc_alignment(self.model)
         values += [alignment[layer][key] for layer in FC_LAYERS for key in ALIGNMENT_KEYS]
@@ -324,10 +501,18 @@ class Training(loop.EpochLoop):
 
     # -- checkpoint
     def state_dict(self) -> dict:
+        pending = None
+        if self.pending is not None:  # rdd_overlap: the next epoch's feedback, already computed
+            pending = {
+                "epoch": self.pending.epoch,
+                "feedbacks": self.pending.feedbacks,
+                "wall_s": self.pending.wall_s,
+            }
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "phase": numpy_to_torch(self.phase.state_dict()) if self.phase else None,
+            "pending_phase": pending,
         }
 
     def load_state_dict(self, checkpoint: dict) -> None:
@@ -341,6 +526,8 @@ class Training(loop.EpochLoop):
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.phase is not None:
             self.phase.load_state_dict(torch_to_numpy(checkpoint["phase"]))
+        pending = checkpoint.get("pending_phase")
+        self.pending = None if pending is None else PendingFeedback(**pending)
 
     def finish(self) -> None:
         plot_runs([RunRecord(self.out_dir, self.config, self.history)], self.out_dir)

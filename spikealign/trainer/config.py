@@ -9,6 +9,7 @@ resumed run may change.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -28,7 +29,15 @@ DECAYED_RULES = ("fa", "rdd")
 ALIGNMENT_KEYS = ("angle_deg", "sign_agreement", "norm_ratio")
 #: Config fields that describe where and how a run executes, not what it computes; a resumed run
 #: may change them (``epochs`` to extend the run).
-RUNTIME_FIELDS = ("data_dir", "download", "device", "dist_backend", "workers", "epochs")
+RUNTIME_FIELDS = (
+    "data_dir", "download", "device", "dist_backend", "workers", "epochs", "loader", "compile",
+)  # fmt: skip
+#: Where the training data are batched: "device" (spikealign.device_data: uint8 images on the
+#: training device, batched augmentation there), "dataloader" (per-image transforms in DataLoader
+#: workers), "auto" (device when the dataset is held in memory and fits, else dataloader).
+LOADERS = ("auto", "device", "dataloader")
+#: ``compile``: "off" (eager) or a torch.compile mode ("reduce-overhead" adds CUDA graphs).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -65,7 +74,10 @@ class TrainConfig:
     dist_backend: str = "auto"  # under torchrun: "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo"
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms (slower on CUDA)
-    workers: int = 0  # DataLoader worker processes
+    workers: int | None = None  # DataLoader worker processes; None: default_workers()
+    loader: str = "auto"  # one of LOADERS
+    compile: str = "off"  # torch.compile mode of forward + backward, one of COMPILE_MODES
+    rdd_overlap: bool = False  # rdd: run the phase for epoch e+1 in the background during epoch e
     limit_train: int | None = None  # train on a fixed random subset of this many examples
     limit_test: int | None = None  # test on a fixed random subset of this many examples
 
@@ -86,7 +98,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "momentum", "weight_decay", "feedback_decay", "workers", "seed"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.feedback_decay < 1:
             raise UserError(f"feedback_decay must lie in [0, 1), got {self.feedback_decay}")
@@ -95,6 +107,14 @@ class TrainConfig:
                 f"feedback_decay applies to rules {' and '.join(DECAYED_RULES)}, not {self.rule} "
                 "(kp and wm have their own weight decay options)"
             )
+        if self.loader not in LOADERS:
+            raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join(LOADERS)}")
+        if self.compile not in COMPILE_MODES:
+            raise UserError(
+                f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}"
+            )
+        if self.rdd_overlap and self.rule != "rdd":
+            raise UserError(f"rdd_overlap applies to rule rdd only, but the rule is {self.rule}")
         if self.rdd_time <= 0:
             raise UserError(f"rdd_time must be positive, got {self.rdd_time}")
         for name in ("limit_train", "limit_test", "image_size", "wm_batch_size"):
@@ -139,6 +159,16 @@ class TrainConfig:
         if missing:
             raise UserError(f"the config needs {' and '.join(missing)}")
         return cls(**values)
+
+
+def default_workers() -> int:
+    """DataLoader workers when ``workers`` is not given: half the CPUs this process may use, at
+    most 8 (each worker decodes and transforms whole batches; the other half trains)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(8, cpus // 2)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
