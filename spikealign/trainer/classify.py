@@ -421,7 +421,9 @@ class Training(loop.EpochLoop):
         """rdd_overlap: start the phase before ``epoch + 1`` from the matrices as they are now."""
         if not (self.config.rdd_overlap and self.dist.is_main):
             return
-        if not self._phase_due(epoch + 1) or epoch + 1 > self.config.epochs:
+        # Also after the last epoch: a run extended later (--resume --epochs) then goes on exactly
+        # as an uninterrupted longer run.
+        if not self._phase_due(epoch + 1):
             return
         self.phase.progress = False  # its bar would cut through the epoch's
         self.background = _BackgroundPhase(self._simulate_phase, epoch + 1, *self._phase_inputs())
