@@ -67,7 +67,7 @@ def write_fashion_mnist(root: Path, train_size: int, test_size: int, seed: int =
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, count), 2049)
 
 
-def measure(variant: str, args: argparse.Namespace, data_dir: Path) -> dict:
+def measure(variant: str, args: argparse.Namespace, data_dir: Path, compile_mode: str) -> dict:
     """Train one variant in this process; its per-epoch wall and phase times."""
     from spikealign import trainer
 
@@ -81,8 +81,8 @@ def measure(variant: str, args: argparse.Namespace, data_dir: Path) -> dict:
         rdd_time=args.rdd_time,
         **VARIANTS[variant],
     )
-    if args.compile:
-        wanted["compile"] = True
+    if compile_mode != "off":
+        wanted["compile"] = compile_mode
     if args.workers is not None:
         wanted["workers"] = args.workers
     missing = sorted(name for name, value in wanted.items() if name not in known and value)
@@ -93,6 +93,7 @@ def measure(variant: str, args: argparse.Namespace, data_dir: Path) -> dict:
         total = time.perf_counter() - start
     return {
         "variant": variant,
+        "compile": compile_mode,
         "epoch_s": [row["epoch_s"] for row in rows],
         "phase_s": [row["phase_s"] for row in rows],
         "total_s": total,
@@ -115,8 +116,8 @@ def run_baseline(args: argparse.Namespace, data_dir: Path) -> list[dict]:
         value = getattr(args, name)
         if value is not None:
             command += [f"--{name.replace('_', '-')}", str(value)]
-    if args.compile:
-        command.append("--compile")
+    if args.compile != "off":
+        command += ["--compile", args.compile]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -154,7 +155,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rdd-time", type=float, default=90.0, help="simulated s per phase")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
-    parser.add_argument("--compile", action="store_true", help="train with --compile")
+    parser.add_argument(
+        "--compile",
+        default="off",
+        choices=("off", "default", "reduce-overhead", "max-autotune"),
+        help="the trainer's --compile for every variant (default off)",
+    )
+    parser.add_argument(
+        "--eager-bp", action="store_true", help="with --compile: also time bp without it"
+    )
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: the trainer's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
     parser.add_argument("--baseline-repo", help="another spikealign checkout to time as well")
@@ -171,7 +180,8 @@ def main() -> None:
 
     if args.worker:  # one measurement for the parent process, as JSON lines
         for variant in variants:
-            print(RESULT_TAG + json.dumps(measure(variant, args, Path(args.data_dir))), flush=True)
+            result = measure(variant, args, Path(args.data_dir), args.compile)
+            print(RESULT_TAG + json.dumps(result), flush=True)
         return
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -182,8 +192,8 @@ def main() -> None:
         print(
             f"{device_name(args.device)}; torch {torch.__version__}; {args.train_size} training "
             f"and {args.test_size} test images 1x28x28 (idx files written in "
-            f"{time.perf_counter() - start:.1f} s), batch {args.batch_size}, epoch {args.epochs} "
-            "of each run reported",
+            f"{time.perf_counter() - start:.1f} s), batch {args.batch_size}, compile "
+            f"{args.compile}, epoch {args.epochs} of each run reported",
             flush=True,
         )
         results = []
@@ -196,7 +206,9 @@ def main() -> None:
         baseline = run_baseline(args, data_dir) if args.baseline_repo else []
     for result in baseline:
         result["label"] = f"{result['variant']} (baseline)"
-    bp = next((r["epoch_s"][-1] for r in results if r["variant"] == "bp"), None)
+    bp = next(
+        (r["epoch_s"][-1] for r in results if r["variant"] == "bp" and "label" not in r), None
+    )
     print()
     print_table(results + baseline, bp)
 

@@ -438,29 +438,32 @@ class Training(loop.EpochLoop):
         if self.train_sampler is not None:
             self.train_sampler.set_epoch(epoch_seed(self.config.seed, epoch))
         keeper = ScoreKeeper(self.multilabel)
-        decay = self.config.feedback_decay
-        stepped = self.config.rule in STEPPED_RULES
-        graphs = self.config.compile == "reduce-overhead"
         batches = tqdm(
             self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.progress
         )
-        # No host sync per step: nothing here reads a value back (the keeper sums on the device).
+        # No host sync per step: nothing reads a value back (the keeper sums on the device).
         for inputs, targets in batches:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            if graphs:  # CUDA graphs: the last step's outputs have been used
-                torch.compiler.cudagraph_mark_step_begin()
-            loss, logits = self.forward_loss(inputs, targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            if stepped:
-                feedback.step_feedback(self.model)
-            if decay:
-                with torch.no_grad():
-                    torch._foreach_mul_(self.decayed_feedback, 1.0 - decay)
+            loss, logits = self.train_step(inputs, targets)
             keeper.add(loss, logits, targets)
         return keeper.result(dist=self.dist)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """One SGD step with the rule's feedback updates; returns (loss, logits), on the device."""
+        if self.config.compile == "reduce-overhead":
+            # CUDA graphs: the previous step's outputs have been used, their memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, logits = self.forward_loss(inputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.config.rule in STEPPED_RULES:
+            feedback.step_feedback(self.model)
+        if self.config.feedback_decay:
+            with torch.no_grad():
+                torch._foreach_mul_(self.decayed_feedback, 1.0 - self.config.feedback_decay)
+        return loss, logits
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
