@@ -202,3 +202,28 @@ def test_what_stays_on_the_dataloader(tmp_path):
         assert device_dataset(Photos(), "cpu") is None  # registered, but it has no transform
     finally:
         del device_data.IN_MEMORY[Photos]
+
+
+def test_shards_of_two_ranks_split_one_pass(tmp_path):
+    """Under torchrun each rank takes every second position of the same order and draws."""
+    bundle = plain_bundle("fashion-mnist", tmp_path, augment=True)
+    stored = device_dataset(bundle.train, "cpu")
+
+    def images(shard, drop_last=True, shuffle=True, batch=2):
+        loader = DeviceLoader(
+            stored, batch, shuffle=shuffle, drop_last=drop_last, augment=shuffle,
+            generator=torch.Generator().manual_seed(4), shard=shard,
+        )  # fmt: skip
+        return torch.cat([x for x, _ in loader]), len(loader)
+
+    whole, _ = images((0, 1), batch=12)
+    rank_0, batches_0 = images((0, 2))
+    rank_1, batches_1 = images((1, 2))
+    assert batches_0 == batches_1 == 3
+    assert torch.equal(rank_0, whole[0::2]) and torch.equal(rank_1, whole[1::2])
+    # the test pass: every example once over the ranks, none repeated
+    test_0, _ = images((0, 2), drop_last=False, shuffle=False, batch=5)
+    test_1, _ = images((1, 2), drop_last=False, shuffle=False, batch=5)
+    plain = data.load_dataset("fashion-mnist", tmp_path, augment=False)
+    assert torch.equal(test_0, per_image(plain.train, range(0, 12, 2)))
+    assert torch.equal(test_1, per_image(plain.train, range(1, 12, 2)))
