@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers",
         type=int,
-        help="DataLoader worker processes (default: half the CPUs, at most 8; "
-        "not used with --loader device)",
+        help="DataLoader worker processes (default: 8 per GPU, CPU cores allowing; 0 on the "
+        "CPU; not used with --loader device)",
     )
     run.add_argument(
         "--compile",

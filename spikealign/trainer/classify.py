@@ -60,7 +60,6 @@ from spikealign.trainer.config import (
     FC_LAYERS,
     RDD_LAYER_RULES,
     TrainConfig,
-    default_workers,
     epoch_seed,
 )
 from spikealign.trainer.plots import plot_runs
@@ -83,6 +82,8 @@ SUBSET_SEED = 0
 REFRESHED_RULES = ("bp", "usf", "frsf", "brsf")
 #: Rules with an update after every optimiser step (feedback.step_feedback).
 STEPPED_RULES = ("kp", "wm")
+#: most DataLoader workers per process by default (on CUDA)
+MAX_DEFAULT_WORKERS = 8
 #: torch.compile backend of ``compile``; the tests use "aot_eager" (the same tracing, no codegen).
 COMPILE_BACKEND = "inductor"
 
@@ -93,6 +94,14 @@ def metric_columns(multilabel: bool) -> list[str]:
     columns = ["epoch", "train_loss", f"train_{score}", "test_loss", f"test_{score}"]
     columns += [f"{layer}_{key}" for layer in FC_LAYERS for key in ALIGNMENT_KEYS]
     return columns + ["phase_s", "epoch_s"]
+
+
+def default_workers(device: torch.device, local_world_size: int = 1) -> int:
+    """DataLoader workers when none are asked: up to 8 per GPU, shared CPU cores; 0 on the CPU
+    (the model's own threads use the cores)."""
+    if device.type != "cuda":
+        return 0
+    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) // max(1, local_world_size)))
 
 
 def _subset(dataset: Dataset, limit: int | None) -> Dataset:
@@ -291,7 +300,10 @@ class Training(loop.EpochLoop):
     def _data_loaders(self, batch_size: int) -> tuple[DataLoader, DataLoader]:
         config, dist = self.config, self.dist
         pin = self.device.type == "cuda"
-        workers = default_workers() if config.workers is None else config.workers
+        workers = config.workers
+        if workers is None:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            workers = default_workers(self.device, local_world)
         # drop_last: a last batch of one example would break batch norm; the examples left out
         # differ from epoch to epoch.
         if dist.enabled:

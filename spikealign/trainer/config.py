@@ -9,7 +9,6 @@ resumed run may change.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -74,7 +73,8 @@ class TrainConfig:
     dist_backend: str = "auto"  # under torchrun: "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo"
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms (slower on CUDA)
-    workers: int | None = None  # DataLoader worker processes; None: default_workers()
+    workers: int | None = None  # DataLoader worker processes; None: 8 per GPU (CPU cores
+    # allowing), 0 on the CPU
     loader: str = "auto"  # one of LOADERS
     compile: str = "off"  # torch.compile mode of forward + backward, one of COMPILE_MODES
     rdd_overlap: bool = False  # rdd: run the phase for epoch e+1 in the background during epoch e
@@ -159,16 +159,6 @@ class TrainConfig:
         if missing:
             raise UserError(f"the config needs {' and '.join(missing)}")
         return cls(**values)
-
-
-def default_workers() -> int:
-    """DataLoader workers when ``workers`` is not given: half the CPUs this process may use, at
-    most 8 (each worker decodes and transforms whole batches; the other half trains)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return min(8, cpus // 2)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
