@@ -216,3 +216,15 @@ def test_compiled_training_equals_eager(aot_eager, tmp_path, rule):
 def test_compile_refuses_dfa(tmp_path):
     with pytest.raises(UserError, match="--compile does not support rule dfa"):
         classify.Training(TrainConfig(**SMALL, rule="dfa", compile="default"), tmp_path, False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_keeps_data_and_metrics_on_the_device(tmp_path):
+    """float32 on CUDA (cuDNN may use TF32): a run trains from device data with fused SGD."""
+    config = TrainConfig(**{**SMALL, "device": "cuda"}, rule="fa", epochs=2)
+    run = classify.Training(config, tmp_path, progress=False)
+    assert run.loader_kind == "device" and run.train_loader.dataset.images.is_cuda
+    assert run.optimizer.defaults["fused"]
+    rows = classify.train(config, tmp_path, progress=False)
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert 0 <= rows[1]["test_error"] <= 1
