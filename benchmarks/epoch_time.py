@@ -196,12 +196,19 @@ def main() -> None:
             f"{args.compile}, epoch {args.epochs} of each run reported",
             flush=True,
         )
+        runs = [(variant, args.compile) for variant in variants]
+        if args.eager_bp and args.compile != "off":
+            runs.append(("bp", "off"))
         results = []
-        for variant in variants:
-            results.append(measure(variant, args, data_dir))
+        for variant, compile_mode in runs:
+            results.append(measure(variant, args, data_dir, compile_mode))
+            if compile_mode != args.compile:
+                results[-1]["label"] = f"{variant} (eager)"
             epoch_s = ", ".join(f"{value:.2f}" for value in results[-1]["epoch_s"])
             print(
-                f"  {variant}: epochs {epoch_s} s; run {results[-1]['total_s']:.1f} s", flush=True
+                f"  {variant}, compile {compile_mode}: epochs {epoch_s} s; "
+                f"run {results[-1]['total_s']:.1f} s",
+                flush=True,
             )
         baseline = run_baseline(args, data_dir) if args.baseline_repo else []
     for result in baseline:
