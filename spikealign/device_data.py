@@ -201,23 +201,29 @@ class DeviceDataset:
         self.pipeline = pipeline
         if pipeline is not None and pipeline.size is not None and pipeline.size != images.shape[-1]:
             images = _resize(images, pipeline.size)
-        self.images = images.to(self.device).contiguous()
+        images = images.to(self.device)
+        padding = 0 if pipeline is None else pipeline.crop_padding
+        # Padded once here, not per batch: a crop is then one gather from the stored tensor.
+        self._padded = F.pad(images, (padding,) * 4) if padding else images.contiguous()
+        height, width = images.shape[-2:]
+        #: the images as given (a view into the padded tensor)
+        self.images = self._padded[..., padding : padding + height, padding : padding + width]
         self.targets = targets.to(self.device)
         if pipeline is not None:
             shape = (1, -1, 1, 1)
             self._mean = torch.tensor(pipeline.mean, device=self.device).view(shape)
             self._std = torch.tensor(pipeline.std, device=self.device).view(shape)
-        height, width = self.images.shape[-2:]
         self._rows = torch.arange(height, device=self.device)
         self._cols = torch.arange(width, device=self.device)
+        self._channels = torch.arange(images.shape[1], device=self.device)[None, :, None, None]
 
     def __len__(self) -> int:
         return len(self.targets)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored images."""
-        return self.images.numel() * self.images.element_size()
+        """Bytes of the stored images (padded for the crop)."""
+        return self._padded.numel() * self._padded.element_size()
 
     @property
     def augments(self) -> bool:
@@ -239,27 +245,26 @@ class DeviceDataset:
         self, index: Tensor, augmentation: Augmentation | None = None
     ) -> tuple[Tensor, Tensor]:
         """(inputs float32 B x C x H x W, targets) of the examples ``index`` (on the device)."""
-        images = self.images.index_select(0, index)
+        if augmentation is not None and self.augments:
+            images = self._crop_and_flip(index, augmentation)
+        else:
+            images = self.images.index_select(0, index)
+        targets = self.targets.index_select(0, index)
         if self.pipeline is None:  # ready images (digits)
-            return images, self.targets.index_select(0, index)
-        if augmentation is not None:
-            images = self._crop_and_flip(images, augmentation)
+            return images, targets
         inputs = images.to(torch.float32).mul_(1.0 / 255).sub_(self._mean).div_(self._std)
-        return inputs, self.targets.index_select(0, index)
+        return inputs, targets
 
-    def _crop_and_flip(self, images: Tensor, augmentation: Augmentation) -> Tensor:
+    def _crop_and_flip(self, index: Tensor, augmentation: Augmentation) -> Tensor:
         """One gather: pixel (r, c) of image b <- padded_b[t_b + r, l_b + (W-1-c if f_b else c)]."""
-        padding = self.pipeline.crop_padding
-        padded = F.pad(images, (padding,) * 4) if padding else images
         augmentation = augmentation.to(self.device)  # no copy when the loader moved it already
         top, left, flip = augmentation.top, augmentation.left, augmentation.flip
         width = len(self._cols)
         cols = torch.where(flip[:, None], width - 1 - self._cols, self._cols)
         rows = top[:, None] + self._rows  # B x H
         cols = left[:, None] + cols  # B x W
-        batch = torch.arange(len(images), device=self.device)[:, None, None, None]
-        channels = torch.arange(images.shape[1], device=self.device)[None, :, None, None]
-        return padded[batch, channels, rows[:, None, :, None], cols[:, None, None, :]]
+        example = index[:, None, None, None]
+        return self._padded[example, self._channels, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 class DeviceLoader:
@@ -345,6 +350,7 @@ def device_dataset(
         budget_bytes = int(CUDA_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0])
     if budget_bytes is not None:
         size = pipeline.size if pipeline is not None and pipeline.size else images.shape[-1]
+        size += 2 * (pipeline.crop_padding if pipeline is not None else 0)  # stored padded
         stored = len(images) * images.shape[1] * size * size * images.element_size()
         if stored > budget_bytes:
             return None

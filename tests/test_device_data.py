@@ -179,8 +179,9 @@ def test_a_seed_gives_the_same_batches_on_cuda_and_cpu(tmp_path):
 
 def test_what_stays_on_the_dataloader(tmp_path):
     bundle = plain_bundle("fashion-mnist", tmp_path, augment=True)
-    assert device_dataset(bundle.train, "cpu", budget_bytes=12 * 28 * 28 - 1) is None
-    assert device_dataset(bundle.train, "cpu", budget_bytes=12 * 28 * 28) is not None
+    padded = 12 * 36 * 36  # 12 images of 28 x 28, stored with the crop's padding of 4
+    assert device_dataset(bundle.train, "cpu", budget_bytes=padded - 1) is None
+    assert device_dataset(bundle.train, "cpu", budget_bytes=padded).nbytes == padded
     bundle.train.transform = v2.Compose([v2.ToImage(), v2.ColorJitter(0.5), v2.ToDtype(
         torch.float32, scale=True), v2.Normalize([0.5], [0.5])])  # fmt: skip
     assert device_dataset(bundle.train, "cpu") is None
