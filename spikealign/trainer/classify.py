@@ -182,6 +182,9 @@ class _BackgroundPhase:
         self._thread = threading.Thread(target=target, name="spiking-phase", daemon=True)
         self._thread.start()
 
+    def wait(self) -> None:
+        self._thread.join()
+
     def result(self) -> PendingFeedback:
         self._thread.join()
         if self._error is not None:
@@ -440,10 +443,14 @@ class Training(loop.EpochLoop):
         self.phase.progress = False  # its bar would cut through the epoch's
         self.background = _BackgroundPhase(self._simulate_phase, epoch + 1, *self._phase_inputs())
 
-    def _finish_background_phase(self) -> None:
+    def _finish_background_phase(self, keep: bool = True) -> None:
+        """Wait for the background phase; keep its feedback for the next epoch (or drop it)."""
         if self.background is not None:
             background, self.background = self.background, None
-            self.pending = background.result()
+            if keep:
+                self.pending = background.result()
+            else:
+                background.wait()
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         self.train_model.train()
@@ -502,8 +509,10 @@ class Training(loop.EpochLoop):
         try:
             train_loss, train_score = self.train_epoch(epoch)
             test_loss, test_score = self.evaluate()
-        finally:  # also on an error: no phase may outlive its epoch
-            self._finish_background_phase()
+        except BaseException:  # no phase outlives its epoch; the training error is the one raised
+            self._finish_background_phase(keep=False)
+            raise
+        self._finish_background_phase()
         values = [epoch, train_loss, train_score, test_loss, test_score]
         alignment = fc_alignment(self.model)
         values += [alignment[layer][key] for layer in FC_LAYERS for key in ALIGNMENT_KEYS]
