@@ -228,3 +228,16 @@ def test_cuda_run_keeps_data_and_metrics_on_the_device(tmp_path):
     rows = classify.train(config, tmp_path, progress=False)
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     assert 0 <= rows[1]["test_error"] <= 1
+
+
+def test_an_error_in_the_background_phase_reaches_the_run(recording, tmp_path, monkeypatch):
+    def failing_run(self, weights, feedbacks, log_path):
+        if self.epoch_of_seed[self.config.seed] == 2:  # the phase run during epoch 1
+            raise RuntimeError("phase failed")
+        return _Result([np.zeros_like(f) for f in feedbacks])
+
+    monkeypatch.setattr(RecordingPhase, "run", failing_run)
+    config = TrainConfig(**SMALL, rule="rdd", epochs=2, rdd_overlap=True)
+    with pytest.raises(RuntimeError, match="phase failed"):
+        classify.train(config, tmp_path, progress=False)
+    assert sorted(recording["start"]) == [1]  # epoch 2 never started
