@@ -13,24 +13,15 @@ line may only change how the run executes (--epochs, --device, --workers, --load
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import fields
 
 from spikealign import feedback, trainer
 from spikealign.data import DATASETS, load_dataset
-from spikealign.errors import UserError, exit_on_user_error
+from spikealign.errors import OneLineParser, UserError, exit_on_user_error
 from spikealign.trainer import distributed
 
 DEFAULTS = trainer.TrainConfig(dataset="", rule="")
 WEIGHT_MIRROR = feedback.make_rule("wm")  # for its default hyperparameters
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line, like the library's UserError."""
-
-    def error(self, message: str):
-        sys.stderr.write(f"error: {message}; see {self.prog} --help\n")
-        raise SystemExit(2)
 
 
 def _default(name: str) -> str:

@@ -37,6 +37,7 @@ change its results), so every rank trains with the same feedback.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -207,13 +208,17 @@ class Training(loop.EpochLoop):
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
 
-        self.bundle = data.load_dataset(
+        load = functools.partial(
+            data.load_dataset,
             config.dataset,
             config.data_dir,
-            download=config.download and self.dist.is_main,
             image_size=config.image_size,
             augment=config.augment,
         )
+        if config.download and self.dist.enabled:
+            # One rank downloads; the others wait and read what it wrote.
+            self.dist.on_main(lambda: load(download=True))
+        self.bundle = load(download=config.download and not self.dist.enabled)
         self.multilabel = self.bundle.multilabel
         self.train_set = _subset(self.bundle.train, config.limit_train)
         self.test_set = _subset(self.bundle.test, config.limit_test)
@@ -258,8 +263,14 @@ class Training(loop.EpochLoop):
 
     def _loaders(self):
         """(train, test) loaders: on the device when ``loader`` allows and the data fit."""
-        config = self.config
-        batch_size = self.dist.local_batch_size(config.batch_size)
+        config, dist = self.config, self.dist
+        batch_size = dist.local_batch_size(config.batch_size)
+        if batch_size < 2:
+            raise UserError(
+                f"batch size {config.batch_size} over {dist.world_size} processes leaves "
+                f"{batch_size} example per process; batch norm needs at least 2, so use "
+                f"--batch-size {2 * dist.world_size} or more"
+            )
         if config.loader != "dataloader":
             loaders = self._device_loaders(batch_size)
             if loaders is not None:
@@ -466,6 +477,7 @@ class Training(loop.EpochLoop):
             targets = targets.to(self.device, non_blocking=True)
             loss, logits = self.train_step(inputs, targets)
             keeper.add(loss, logits, targets)
+        self.dist.sync_buffers(self.model)
         return keeper.result(dist=self.dist)
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor):

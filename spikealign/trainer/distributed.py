@@ -79,6 +79,17 @@ class Distributed:
             torch_dist.broadcast(tensor, src=0)
         return tensor
 
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (batch-norm statistics, feedback) in ``module`` on every rank.
+
+        DDP does this at the start of every forward pass; after the last step of an epoch each
+        rank's batch-norm statistics have seen only its own batch, so evaluation and checkpoints
+        call this first.
+        """
+        if self.enabled:
+            for buffer in module.buffers():
+                torch_dist.broadcast(buffer, src=0)
+
     def broadcast_object(self, value: T) -> T:
         """Rank 0's picklable ``value`` on every rank (plain values of this program only)."""
         if not self.enabled:
