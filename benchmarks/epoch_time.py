@@ -7,7 +7,9 @@ paper's net on them with each variant for ``--epochs`` epochs (default 2) at bat
 device through :func:`spikealign.trainer.train`. Reported per variant: the wall time of the last
 epoch (training pass + test pass, and for rdd the time the epoch waited for its spiking phase;
 the first epoch also pays for warm-up: cuDNN autotuning, compilation, the Brian2 build), the
-spiking phase's own wall time and its share of the epoch, and the ratio to bp.
+spiking phase's own wall time and its share of the epoch (with ``--rdd-overlap`` the phase runs
+beside the epoch, so this "share" may pass 100%; only the wait for it is in the epoch's time), and
+the ratio to bp.
 
 Variants: bp, fa, usf, frsf, rdd, and rdd-overlap (``--rdd-overlap``: the phase for epoch e+1 runs
 in the background during epoch e). Goals on one H100: bp <= 3 s; fa, usf, frsf <= 1.10x bp;
