@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 from spikealign import data, device_data
 from spikealign.device_data import DeviceLoader, device_dataset, read_pipeline
 from tests.test_data import md5_free, write_cifar10, write_fashion_mnist, write_svhn  # noqa: F401
+from tests.test_data_theory import write_cifar100, write_mnist
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PADDING = data.AUGMENT_PADDING
@@ -29,13 +30,16 @@ def per_image(dataset, indices) -> torch.Tensor:
 
 
 def plain_bundle(name, root, **options):
-    writer = {"fashion-mnist": write_fashion_mnist, "cifar10": write_cifar10, "svhn": write_svhn}
+    writer = {
+        "fashion-mnist": write_fashion_mnist, "cifar10": write_cifar10, "svhn": write_svhn,
+        "mnist": write_mnist, "cifar100": write_cifar100,
+    }  # fmt: skip
     writer[name](root)
     return data.load_dataset(name, root, **options)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10", "svhn"])
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10", "svhn", "mnist", "cifar100"])
 def test_unaugmented_batches_equal_the_per_image_pipeline(name, device, tmp_path, md5_free):  # noqa: F811
     bundle = plain_bundle(name, tmp_path, augment=False)
     for split in (bundle.train, bundle.test):
@@ -67,17 +71,18 @@ def test_subset_resize_and_digits(tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_crop_and_flip_equal_torchvision_for_the_same_draws(device, tmp_path):
-    bundle = plain_bundle("fashion-mnist", tmp_path, augment=True)
-    plain = data.load_dataset("fashion-mnist", tmp_path, augment=False)
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10"])
+def test_crop_and_flip_equal_torchvision_for_the_same_draws(name, device, tmp_path, md5_free):  # noqa: F811
+    bundle = plain_bundle(name, tmp_path, augment=True)
+    plain = data.load_dataset(name, tmp_path, augment=False)
     stored = device_dataset(bundle.train, device)
-    count = len(bundle.train)
+    count, size, channels = len(bundle.train), bundle.image_size, bundle.in_channels
     draws = stored.draw(count, torch.Generator().manual_seed(3))
     inputs, _ = stored.batch(torch.arange(count, device=device), draws)
-    normalise = v2.Normalize([0.5], [0.5])
+    normalise = v2.Normalize([0.5] * channels, [0.5] * channels)
     for i in range(count):
-        image = TF.pad(TF.to_image(plain.train.data[i].numpy()), [PADDING])
-        image = TF.crop(image, int(draws.top[i]), int(draws.left[i]), 28, 28)
+        image = TF.pad(TF.to_image(np.asarray(plain.train.data[i])), [PADDING])
+        image = TF.crop(image, int(draws.top[i]), int(draws.left[i]), size, size)
         if draws.flip[i]:
             image = TF.horizontal_flip(image)
         expected = normalise(TF.to_dtype(image, torch.float32, scale=True))
