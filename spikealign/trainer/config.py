@@ -29,9 +29,17 @@ DECAYED_RULES = ("fa", "rdd")
 ALIGNMENT_KEYS = ("angle_deg", "sign_agreement", "norm_ratio")
 #: Config fields that describe where and how a run executes, not what it computes; a resumed run
 #: may change them (``epochs`` to extend the run).
-RUNTIME_FIELDS = ("data_dir", "download", "device", "dist_backend", "workers", "epochs")
+RUNTIME_FIELDS = (
+    "data_dir", "download", "device", "dist_backend", "workers", "epochs", "loader", "compile",
+)  # fmt: skip
 #: Seeds lie in [0, MAX_SEED): torch.manual_seed takes 64-bit integers, JSON readers int64.
 MAX_SEED = 2**63
+#: Where the training data are batched: "device" (spikealign.device_data: uint8 images on the
+#: training device, batched augmentation there), "dataloader" (per-image transforms in DataLoader
+#: workers), "auto" (device when the dataset is held in memory and fits, else dataloader).
+LOADERS = ("auto", "device", "dataloader")
+#: ``compile``: "off" (eager) or a torch.compile mode ("reduce-overhead" adds CUDA graphs).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -81,8 +89,12 @@ class TrainConfig:
     # allowing), 0 on the CPU
     amp: bool = False  # bf16 autocast of forward and loss (CUDA and CPU)
     channels_last: bool = False  # model and inputs in channels_last memory format
+    loader: str = "auto"  # one of LOADERS
+    compile: str = "off"  # torch.compile mode of forward + backward, one of COMPILE_MODES
+    rdd_overlap: bool = False  # rdd: run the phase for epoch e+1 in the background during epoch e
     limit_train: int | None = None  # train on a fixed random subset of this many examples
     limit_test: int | None = None  # test on a fixed random subset of this many examples
+    track_conservation: bool = False  # drift of the conserved quantities per layer in the metrics
 
     def __post_init__(self) -> None:
         self.lr_milestones = list(self.lr_milestones)  # JSON and recipes give lists, flags tuples
@@ -186,6 +198,14 @@ class TrainConfig:
                 f"feedback_decay applies to rules {' and '.join(DECAYED_RULES)}, not {self.rule} "
                 "(kp and wm have their own weight decay options)"
             )
+        if self.loader not in LOADERS:
+            raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join(LOADERS)}")
+        if self.compile not in COMPILE_MODES:
+            raise UserError(
+                f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}"
+            )
+        if self.rdd_overlap and self.rule != "rdd":
+            raise UserError(f"rdd_overlap applies to rule rdd only, but the rule is {self.rule}")
         if self.rdd_time <= 0:
             raise UserError(f"rdd_time must be positive, got {self.rdd_time}")
         for name in ("limit_train", "limit_test", "image_size", "wm_batch_size"):
