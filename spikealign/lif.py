@@ -533,7 +533,7 @@ class RunningSegment:
         """Stop the segment and delete its files."""
         if self._process.poll() is None:
             self._process.kill()
-            self._process.wait()
+        self._process.communicate()  # reaps it and closes its stderr pipe
         self._scratch.cleanup()
 
     def _read(self) -> tuple[SegmentRecord, list[dict[str, np.ndarray]]]:

@@ -72,7 +72,7 @@ infinite until the regression has ``se_min_steps_per_neuron`` (40) time steps pe
 Stopping criterion (:func:`predicted_sign_agreement`), from beta_hat and se alone: empirical Bayes
 with a symmetric unimodal prior of the true jumps, ``g = sum_m pi_m U(-a_m, a_m)`` (a grid of
 half-widths, a_0 = 0 a point mass; adaptive shrinkage, Stephens 2017), fitted by maximum
-likelihood (EM) to ``beta_hat ~ g * N(0, se^2)``; the prediction is the mean over (i, k) of the
+likelihood to ``beta_hat ~ g * N(0, se^2)``; the prediction is the mean over (i, k) of the
 posterior probability that sign(b) = sign(beta_hat)::
 
     P_ik = sum_m post_m(beta_hat) P(b beta_hat > 0 | beta_hat, m),
@@ -678,34 +678,42 @@ def predicted_sign_agreement(beta: np.ndarray, se: np.ndarray, max_fit: int = 50
 
     Empirical Bayes (module docstring): the true jumps b of the layer are drawn from a symmetric
     unimodal prior g = sum_m pi_m U(-a_m, a_m) (a_0 = 0 a point mass), beta_hat | b ~ N(b, se^2);
-    the weights pi are the maximum-likelihood fit (EM) on at most ``max_fit`` entries (an even
-    stride, so the result is deterministic) and the prediction is the mean over (i, k) of
-    P(sign b = sign beta_hat | beta_hat). Entries with an infinite SE (not estimated) count 1/2.
+    the weights pi are the maximum-likelihood fit and the prediction is the mean of
+    P(sign b = sign beta_hat | beta_hat), both over at most ``max_fit`` entries (an even stride,
+    so the result is deterministic). Entries with an infinite SE (not estimated) count 1/2.
     """
     beta, se = np.ravel(beta), np.ravel(se)
     known = np.isfinite(se) & (se > 0)
     if not known.any():
         return 50.0
     b, s = beta[known], se[known]
-    fit = np.unique(np.linspace(0, len(b) - 1, min(len(b), max_fit)).astype(np.int64))
+    sample = np.unique(np.linspace(0, len(b) - 1, min(len(b), max_fit)).astype(np.int64))
+    b, s = b[sample], s[sample]
     grid = _prior_grid(b, s)
-    likelihood = np.array([_component(b[fit], s[fit], a)[0] for a in grid])
-    weights = np.full(len(grid), 1.0 / len(grid))
-    for _ in range(_EM_STEPS):
-        posterior = weights[:, None] * likelihood
-        posterior /= np.maximum(posterior.sum(0, keepdims=True), 1e-300)
-        weights = posterior.mean(1)
-    numerator, denominator = np.zeros(len(b)), np.zeros(len(b))
-    for weight, a in zip(weights, grid, strict=True):
-        density, right_sign = _component(b, s, a)
-        numerator += weight * density * right_sign
-        denominator += weight * density
-    right = np.where(denominator > 0, numerator / np.maximum(denominator, 1e-300), 0.5)
-    return 100.0 * (right.sum() + 0.5 * (~known).sum()) / len(beta)
+    densities, right_sign = zip(*(_component(b, s, a) for a in grid), strict=True)
+    densities, right_sign = np.array(densities), np.array(right_sign)
+    weights = _mixture_weights(densities / np.maximum(densities.max(0), 1e-300))
+    posterior = weights[:, None] * densities
+    right = (posterior * right_sign).sum(0) / np.maximum(posterior.sum(0), 1e-300)
+    return 100.0 * (right.mean() * known.sum() + 0.5 * (~known).sum()) / len(beta)
 
 
-#: EM iterations of the prior weights (converged to well under 0.1 point of prediction).
-_EM_STEPS = 300
+def _mixture_weights(likelihood: np.ndarray) -> np.ndarray:
+    """Maximum-likelihood mixture weights pi (on the simplex) of components x samples densities:
+    maximise mean log(sum_m pi_m L_mn). EM converges slowly here; instead L-BFGS-B minimises the
+    convex ``-mean log(L x) + sum x`` over x >= 0, whose minimum has sum x = 1 and is the MLE
+    (the KKT conditions of the two problems coincide; as in mix-SQP, Kim et al. 2020)."""
+    from scipy.optimize import minimize
+
+    def objective(x):
+        mixture = np.maximum(x @ likelihood, 1e-300)
+        return -np.mean(np.log(mixture)) + x.sum(), 1.0 - (likelihood / mixture).mean(1)
+
+    start = np.full(len(likelihood), 1.0 / len(likelihood))
+    bounds = [(0.0, None)] * len(likelihood)
+    options = {"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10}
+    x = minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds, options=options).x
+    return x / max(x.sum(), 1e-300)
 
 
 def _prior_grid(b: np.ndarray, s: np.ndarray) -> np.ndarray:

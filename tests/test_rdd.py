@@ -11,6 +11,7 @@ from spikealign.rdd import (
     Windows,
     filtered_spikes,
     outcome_sums,
+    predicted_sign_agreement,
     window_outcomes,
 )
 
@@ -360,3 +361,32 @@ def test_standard_errors_are_calibrated_over_segments():
     z = (estimator.beta() - beta) / estimator.standard_errors()
     assert 0.85 < z.std() < 1.15 and abs(z.mean()) < 0.15
     assert np.all(np.isinf(OLSEstimator(60, 4, PLAIN).standard_errors()))  # nothing estimated
+
+
+@pytest.mark.parametrize("noise", [0.3, 1.0])
+def test_predicted_sign_agreement_matches_the_truth_without_seeing_it(noise):
+    # uniform true jumps (like Kaiming-uniform W) with heteroscedastic errors of known size
+    rng = np.random.default_rng(9)
+    truth = rng.uniform(-1, 1, 50000)
+    se = noise * rng.uniform(0.5, 1.5, truth.size)
+    estimate = truth + se * rng.normal(size=truth.size)
+    measured = 100 * np.mean(np.sign(estimate) == np.sign(truth))
+    assert predicted_sign_agreement(estimate, se) == pytest.approx(measured, abs=1.5)
+    # entries never estimated (infinite SE) count as a coin flip
+    half = np.where(np.arange(truth.size) < truth.size // 2, se, np.inf)
+    expected = (
+        predicted_sign_agreement(estimate[: truth.size // 2], se[: truth.size // 2]) + 50
+    ) / 2
+    assert predicted_sign_agreement(estimate, half) == pytest.approx(expected, abs=1.0)
+
+
+def test_stopping_rule_stops_on_a_known_jump_and_not_on_noise():
+    beta = np.random.default_rng(10).choice([-1.0, 1.0], size=(30, 4)) * 0.5
+    for jump, stops in ((beta, True), (np.zeros_like(beta), False)):
+        windows, q, _ = synthetic(30, 4, 40, jump, 0.3, -0.2, noise=0.5, seed=10)
+        estimator = OLSEstimator(30, 4, PLAIN)
+        estimator.add(windows, q, 0, DT)
+        value = predicted_sign_agreement(estimator.beta(), estimator.standard_errors())
+        assert (value >= 80) == stops, value
+        if not stops:
+            assert value < 60  # pure noise: about a coin flip, not the 75 % of mean Phi(|z|)
