@@ -8,6 +8,7 @@ status 2 instead of a traceback. Programming errors still raise normally.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -27,7 +28,9 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            sys.stderr.write(f"error: {err}\n")
+            # Under torchrun every rank meets the same mistake; one line is enough.
+            if os.environ.get("RANK", "0") == "0":
+                sys.stderr.write(f"error: {err}\n")
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             sys.stderr.write("interrupted\n")

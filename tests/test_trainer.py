@@ -369,7 +369,7 @@ def test_multilabel_run_uses_bce_and_mean_average_precision(tmp_path, monkeypatc
         multilabel=True,
         class_names=data.DIGIT_CLASSES,
     )
-    monkeypatch.setattr(trainer.data, "load_dataset", lambda *args, **kwargs: bundle)
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: bundle)
     config = small_config("fa", dataset="voc", limit_train=None, limit_test=None)
     rows = trainer.train(config, tmp_path, progress=False)
     assert list(rows[0]) == trainer.metric_columns(multilabel=True)

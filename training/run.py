@@ -19,6 +19,7 @@ from dataclasses import fields
 from spikealign import feedback, trainer
 from spikealign.data import DATASETS, load_dataset
 from spikealign.errors import UserError, exit_on_user_error
+from spikealign.trainer import distributed
 
 DEFAULTS = trainer.TrainConfig(dataset="", rule="")
 WEIGHT_MIRROR = feedback.make_rule("wm")  # for its default hyperparameters
@@ -141,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="deterministic algorithms (reproducible on CUDA, slower)",
     )
+    run.add_argument(
+        "--dist-backend",
+        choices=("auto", "nccl", "gloo"),
+        help="process-group backend under torchrun: auto is nccl on CUDA, gloo on the CPU"
+        + _default("dist_backend"),
+    )
     run.add_argument("--workers", type=int, help="DataLoader workers" + _default("workers"))
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -173,14 +180,19 @@ def main(argv: list[str] | None = None) -> None:
         if missing:
             raise UserError(f"{' and '.join(missing)} required to start a run (or pass --resume)")
         config = trainer.TrainConfig(**overrides)
-    trainer.train(
-        config,
-        args.out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    print(f"run written to {args.out}")
+    try:
+        trainer.train(
+            config,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+        is_main = distributed.current().is_main
+    finally:
+        distributed.shutdown()
+    if is_main:
+        print(f"run written to {args.out}")
 
 
 if __name__ == "__main__":
