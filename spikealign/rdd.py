@@ -510,6 +510,12 @@ class OLSEstimator:
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         names = self._STATE + (self._ADJUST_STATE if self.params.ols_adjust else ())
+        state = dict(state)
+        # states saved before the standard errors existed: unweighted sums of w^2 equal those of
+        # w (0/1 weights), and sigma^2 is unknown until the next segment
+        if "scalar_sq" not in state and self.params.ols_bandwidth is None:
+            state["scalar_sq"] = state["scalar"]
+        state.setdefault("residual_var", np.full((2, self.n_out), np.nan))
         for name in names:
             setattr(self, name, np.array(state[name], dtype=np.float64))
         self._cache.clear()

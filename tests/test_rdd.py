@@ -177,6 +177,13 @@ def test_estimator_state_round_trip():
         b = cls(2, 2, RDDParams())
         b.load_state_dict(a.state_dict())
         assert np.array_equal(a.beta(), b.beta())
+        if cls is OLSEstimator:  # and the standard errors; a state from before they existed loads
+            assert np.array_equal(a.standard_errors(), b.standard_errors())
+            old = {
+                k: v for k, v in a.state_dict().items() if k not in ("scalar_sq", "residual_var")
+            }
+            b.load_state_dict(old)
+            assert np.array_equal(a.beta(), b.beta()) and np.all(np.isinf(b.standard_errors()))
 
 
 def test_filtered_twice_is_the_double_convolution():
