@@ -474,29 +474,24 @@ class OLSEstimator:
 
     def _update_residual_var(self, windows, weight, side, q, first_step, dt, activity) -> None:
         """sigma^2 per (side, k) from this segment's windows about the current lines:
-        sum e_w^2 / sum (1 - 2 H_ww + (H H^T)_ww), unbiased for any fixed window weights."""
+        sum e_w^2 / sum (1 - 2 H_ww + (H H^T)_ww), unbiased for any fixed window weights. An even
+        subsample of ``_RESIDUAL_WINDOWS`` windows is plenty (a few % on sigma^2)."""
         use = np.flatnonzero(weight > 0)
-        squares, factors = np.zeros((2, self.n_out)), np.zeros(2)
+        use = use[
+            np.unique(np.linspace(0, len(use) - 1, min(len(use), _RESIDUAL_WINDOWS)).astype(int))
+        ]
         start, end, length = window_steps(windows, first_step, q.shape[0], dt)
+        start, end, length, neuron = start[use], end[use], length[use], windows.neuron[use]
+        outcome = _outcomes(q, np.cumsum(q, axis=0), start, end, length)
         if self.params.ols_adjust:
-            effects = self.effects_of_driven()
             # the adjusted outcome dR'_w = dR_w - sum_{j != i} dA_wj gamma_jk (module docstring)
-            q = q - activity @ effects
-            own = _outcomes(
-                activity, np.cumsum(activity, axis=0), start, end, length, columns=windows.neuron
-            )
-        cumulative = np.cumsum(q, axis=0)
-        for chunk in np.array_split(use, max(1, len(use) // _RESIDUAL_CHUNK)):
-            outcome = _outcomes(q, cumulative, start[chunk], end[chunk], length[chunk])
-            if self.params.ols_adjust:
-                outcome += own[chunk, None] * effects[windows.neuron[chunk]]
-            fitted, factor = self._fitted_and_factor(
-                windows.neuron[chunk], windows.u_max[chunk], side[chunk], weight[chunk]
-            )
-            for s in (0, 1):
-                rows = side[chunk] == s
-                squares[s] += ((outcome[rows] - fitted[rows]) ** 2).sum(0)
-                factors[s] += factor[rows].sum()
+            effects = self.effects_of_driven()
+            covariates = _outcomes(activity, np.cumsum(activity, axis=0), start, end, length)
+            outcome -= covariates @ effects
+            outcome += covariates[np.arange(len(use)), neuron][:, None] * effects[neuron]
+        fitted, factor = self._fitted_and_factor(neuron, windows.u_max[use], side[use], weight[use])
+        sides = np.eye(2)[side[use]].T  # (2, windows): sums per side as one product
+        squares, factors = sides @ (outcome - fitted) ** 2, sides @ factor
         for s in (0, 1):
             if factors[s] > _MIN_RESIDUAL_DOF:
                 self.residual_var[s] = squares[s] / factors[s]
@@ -521,8 +516,8 @@ class OLSEstimator:
         self._cache.clear()
 
 
-#: Windows per block when computing residuals (bounds memory: block x N_k floats a few times).
-_RESIDUAL_CHUNK = 8192
+#: Windows whose residuals estimate sigma^2 after each segment (an even subsample of the kept).
+_RESIDUAL_WINDOWS = 4096
 #: sigma^2 is re-estimated only from a segment with more residual degrees of freedom than this.
 _MIN_RESIDUAL_DOF = 10.0
 
