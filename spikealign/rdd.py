@@ -477,9 +477,10 @@ class OLSEstimator:
         sum e_w^2 / sum (1 - 2 H_ww + (H H^T)_ww), unbiased for any fixed window weights. An even
         subsample of ``_RESIDUAL_WINDOWS`` windows is plenty (a few % on sigma^2)."""
         use = np.flatnonzero(weight > 0)
-        use = use[
-            np.unique(np.linspace(0, len(use) - 1, min(len(use), _RESIDUAL_WINDOWS)).astype(int))
-        ]
+        if len(use) == 0 or (self.params.ols_pooled and self._pooled_fit() is None):
+            return  # no windows, or no control line yet
+        sample = np.linspace(0, len(use) - 1, min(len(use), _RESIDUAL_WINDOWS)).astype(int)
+        use = use[np.unique(sample)]
         start, end, length = window_steps(windows, first_step, q.shape[0], dt)
         start, end, length, neuron = start[use], end[use], length[use], windows.neuron[use]
         outcome = _outcomes(q, np.cumsum(q, axis=0), start, end, length)
