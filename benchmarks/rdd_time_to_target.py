@@ -72,9 +72,12 @@ def schedules(args, sizes, seeds):
     n_fc = len(sizes) - 1
     rows, runs = [], []
     for seed in seeds:
-        phase, ref = run(sizes, seed, duration=args.reference_duration, drive_gain=args.gain)
-        segment, _ = phase.segment_plan()
-        needs, ref_time = reference_time(ref, n_fc, args.goal, segment)
+        if args.adaptive_only:  # the reference figures from an earlier run
+            ref, needs, ref_time = None, [math.nan] * n_fc, math.nan
+        else:
+            phase, ref = run(sizes, seed, duration=args.reference_duration, drive_gain=args.gain)
+            segment, _ = phase.segment_plan()
+            needs, ref_time = reference_time(ref, n_fc, args.goal, segment)
         _, ada = run(
             sizes, seed, duration=args.cap, schedule="adaptive", target=args.target,
             drive_gain=args.gain,
@@ -91,7 +94,7 @@ def schedules(args, sizes, seeds):
                 "seconds": ada.seconds_per_layer(),
                 "measured": [a["sign_agreement"] for a in final],
                 "predicted": [predicted.get(a["layer"], math.nan) for a in final],
-                "wall_ref": ref.wall_s / ref.simulated_s,
+                "wall_ref": math.nan if ref is None else ref.wall_s / ref.simulated_s,
                 "wall_ada": ada.wall_s / ada.simulated_s,
             }
         )
@@ -133,6 +136,8 @@ def plot(runs, n_fc, args):
     panels = figure.subplots(1, 2, sharey=True)
     for (ref, ada), style in zip(runs, ("-", "--", ":", "-."), strict=False):
         for panel, result in zip(panels, (ref, ada), strict=True):
+            if result is None:
+                continue
             for fc, points in curves(result, n_fc).items():
                 if points:
                     time, _, sign = zip(*points, strict=True)
@@ -179,6 +184,7 @@ def main() -> None:
     parser.add_argument("--gain", type=float, default=0.2, help="drive gain of both schedules")
     parser.add_argument("--gains", help="comma-separated drive gains: the gain measurement")
     parser.add_argument("--plot", help="PNG of sign agreement against simulated time")
+    parser.add_argument("--adaptive-only", action="store_true", help="skip the reference runs")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
