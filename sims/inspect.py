@@ -4,7 +4,8 @@
 
 Works on a finished log and on a ``.partial`` one (a run cut short or still running), which it
 reports as incomplete with the simulated time it reaches. ``--plot DIR`` writes raster.png,
-rates.png and alignment.png. The reading and plotting live in :mod:`spikealign.spikelog`.
+rates.png, alignment.png and criterion.png (the schedule run and the stopping criterion). The
+reading and plotting live in :mod:`spikealign.spikelog`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ from pathlib import Path
 
 from spikealign.errors import OneLineParser, exit_on_user_error
 from spikealign.outputs import check_output_dir
-from spikealign.spikelog import open_log, plot_alignment, plot_raster, plot_rates
+from spikealign.spikelog import open_log, plot_alignment, plot_criterion, plot_raster, plot_rates
 
-PLOTS = {"raster": plot_raster, "rates": plot_rates, "alignment": plot_alignment}
+PLOTS = {
+    "raster": plot_raster,
+    "rates": plot_rates,
+    "alignment": plot_alignment,
+    "criterion": plot_criterion,
+}
 MAX_SEGMENTS_LISTED = 24
 
 
@@ -60,7 +66,16 @@ def format_summary(summary: dict) -> str:
         lines.append(row)
 
     segments = summary["schedule"]
-    lines.append(f"schedule:  {len(segments)} segments")
+    per_layer: dict[str, float] = {}
+    for segment in segments:
+        per_layer[segment["layer"]] = per_layer.get(segment["layer"], 0.0) + (
+            segment["end"] - segment["start"]
+        )
+    driven = ", ".join(f"{layer} {seconds:g} s" for layer, seconds in per_layer.items())
+    lines.append(
+        f"schedule:  {summary['schedule_kind'] or 'unknown'}, {len(segments)} segments"
+        + (f" (driven: {driven})" if driven else "")
+    )
     listed = segments
     if len(segments) > MAX_SEGMENTS_LISTED:
         half = MAX_SEGMENTS_LISTED // 2
@@ -72,6 +87,19 @@ def format_summary(summary: dict) -> str:
             lines.append(
                 f"  {segment['start']:9.3f} - {segment['end']:9.3f} s  {segment['layer']} driven"
             )
+
+    criterion = summary["criterion"]
+    if criterion:
+        lines.append("criterion (predicted sign agreement % after each segment):")
+        for fc in dict.fromkeys(record["fc"] for record in criterion):
+            values = [r for r in criterion if r["fc"] == fc]
+            trail = ", ".join(
+                f"{r['time']:g} s {r['predicted_sign_agreement']:.1f}" for r in values[-6:]
+            )
+            more = f"({len(values) - 6} earlier) ... " if len(values) > 6 else ""
+            lines.append(f"  {fc}: {more}{trail}")
+    else:
+        lines.append("criterion: none recorded (estimator lms, or a version 1 log)")
 
     lines.append("alignment (first -> last):")
     for fc, records in summary["alignment"].items():

@@ -18,6 +18,7 @@ import numpy as np
 from spikealign.errors import OneLineParser, UserError, exit_on_user_error
 from spikealign.outputs import check_output_dir, check_output_file
 from spikealign.phase import (
+    SCHEDULES,
     FeedbackPhase,
     PhaseConfig,
     kaiming_uniform,
@@ -43,6 +44,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--estimator", choices=ESTIMATORS, default="lms")
     parser.add_argument("--update", choices=("rescale", "gradient"), default="rescale")
+    parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="reference",
+        help="reference: --duration split evenly (METHOD 3); adaptive: segments go to the least "
+        "certain layer until every layer reaches --target, --duration is the cap (needs ols)",
+    )
+    parser.add_argument(
+        "--target", type=float, default=80.0, help="adaptive: predicted sign agreement %% (80)"
+    )
+    parser.add_argument(
+        "--drive-gain", type=float, default=0.2, help="W_hat = gain n_in W / std(W) (0.2)"
+    )
     parser.add_argument("--log", type=Path, help="write the HDF5 spike log here")
     parser.add_argument("--summary-json", type=Path, help="write a JSON summary here")
     parser.add_argument("--out-weights", type=Path, help="write W and the new Y (.npz) here")
@@ -87,7 +101,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     # Everything that can be checked is checked before the phase runs, so no result is lost.
     config = PhaseConfig(
-        duration=args.duration, estimator=args.estimator, update=args.update, seed=args.seed
+        duration=args.duration,
+        estimator=args.estimator,
+        update=args.update,
+        schedule=args.schedule,
+        target=args.target,
+        drive_gain=args.drive_gain,
+        seed=args.seed,
     )
     config.validate()
     for path, flag in (
@@ -122,14 +142,28 @@ def main(argv=None) -> dict:
         f"RDD windows per fc: {result.windows}"
     )
     print_table(before, after)
+    seconds = result.seconds_per_layer()
+    predicted = {record["layer"]: record["predicted_sign_agreement"] for record in result.criterion}
+    print(
+        f"schedule {args.schedule}: "
+        + ", ".join(
+            f"{a['layer']} {s:g} s"
+            + (f" (predicted {predicted[a['layer']]:.1f} %)" if a["layer"] in predicted else "")
+            for a, s in zip(after, seconds, strict=True)
+        )
+    )
     summary = {
         "simulated_s": result.simulated_s,
         "wall_s": result.wall_s,
         "build_s": result.build_s,
         "layers": [
             {key: a[key] for key in ("sign_agreement", "angle_deg", "norm_ratio")}
-            | {"name": a["layer"]}
-            for a in after
+            | {
+                "name": a["layer"],
+                "simulated_s": s,
+                "predicted_sign_agreement": predicted.get(a["layer"]),
+            }
+            for a, s in zip(after, seconds, strict=True)
         ],
     }
     if args.summary_json is not None:

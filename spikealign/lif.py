@@ -13,8 +13,10 @@ both ``trace_L`` and ``trace_s``, and ``drive = (trace_L - trace_s) / kernel_nor
 
 Drive ``B`` of a neuron (called ``drive`` below): in the noise-driven layer
 ``B = alpha * (kappa * noise spikes)``; elsewhere ``B = sum_j W_hat_ij (kappa * spikes_j)`` of the
-layer below with ``W_hat = weight_gain * n_in * W / std(W)``. Biases, batch norm and ReLU are not
-part of the spiking network; layers below the driven one receive nothing and stay silent.
+layer below with ``W_hat = drive_gain * n_in * W / std(W)`` (``drive_gain`` is 0.2 in METHOD 2; it
+is set per phase, :class:`spikealign.phase.PhaseConfig`, and is no part of the program). Biases,
+batch norm and ReLU are not part of the spiking network; layers below the driven one receive
+nothing and stay silent.
 
 Membrane and input drive::
 
@@ -82,7 +84,6 @@ class LIFParams:
     noise_rate: float = 200.0  # Hz, Poisson rate of the driving noise
     noise_fraction: float = 0.2  # share of the driven layer that receives noise at a time
     noise_period: float = 0.1  # s, the noise-driven subset is redrawn this often
-    weight_gain: float = 0.2  # W_hat = weight_gain * n_in * W / std(W)
     window_length: float = 30e-3  # s, length of an RDD window
     window_open_band: float = 0.1  # a window opens when |theta - u| <= this
 
@@ -194,13 +195,13 @@ def hash_uniform(seed, stream, neuron, counter) -> np.ndarray:
         return (z >> u64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
 
 
-def scaled_weights(weight: np.ndarray, params: LIFParams) -> np.ndarray:
-    """W_hat = weight_gain * n_in * W / std(W): the synaptic weights of the spiking network."""
+def scaled_weights(weight: np.ndarray, drive_gain: float) -> np.ndarray:
+    """W_hat = drive_gain * n_in * W / std(W): the synaptic weights of the spiking network."""
     weight = np.asarray(weight, dtype=np.float64)
     std = weight.std()
     if std == 0:
         return np.zeros_like(weight)
-    return params.weight_gain * weight.shape[1] * weight / std
+    return drive_gain * weight.shape[1] * weight / std
 
 
 @dataclass
@@ -543,7 +544,7 @@ class RunningSegment:
         """Stop the segment and delete its files."""
         if self._process.poll() is None:
             self._process.kill()
-            self._process.wait()
+        self._process.communicate()  # reaps it and closes its stderr pipe
         self._scratch.cleanup()
 
     def _read(self) -> tuple[SegmentRecord, list[dict[str, np.ndarray]]]:

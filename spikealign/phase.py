@@ -1,11 +1,26 @@
 """One feedback-training phase: simulate the LIF network, estimate beta by RDD, set the feedback.
 
-Schedule (METHOD 3): the phase's ``duration`` is split evenly over the fully connected weight
-matrices; during the share of ``fc_l`` the layer below it (``l - 1``) is noise-driven and its
-neurons estimate their causal effect ``beta`` on layer ``l`` (:mod:`spikealign.rdd`). Layers above
-the driven one run feed-forward; layers below it are silent. Each share is simulated in segments
-of at most ``update_interval`` (10 s); after every segment the estimates are refreshed, the
-feedback of ``fc_l`` is updated, alignment is measured and the spike log is flushed.
+While ``fc_l`` is being estimated, the layer below it (``l - 1``) is noise-driven and its neurons
+estimate their causal effect ``beta`` on layer ``l`` (:mod:`spikealign.rdd`). Layers above the
+driven one run feed-forward; layers below it are silent. The phase runs in segments of equal
+length, at most ``update_interval`` (10 s): the reference share of one layer, ``duration / n_fc``,
+cut into ``ceil(share / update_interval)`` pieces. After every segment the estimates are
+refreshed, the feedback of the driven ``fc_l`` is updated, alignment is measured, the stopping
+criterion is computed and the spike log is flushed. Two schedules say which layer each segment
+drives:
+
+* ``reference`` (METHOD 3): ``duration`` split evenly, fc1's share first, then fc2's, ...
+* ``adaptive``: every layer gets one segment, then each segment goes to the layer whose estimate is
+  least certain, the lowest predicted sign agreement ``P_l`` (:func:`spikealign.rdd.
+  predicted_sign_agreement`, computed from the recorded data alone) among the layers still below
+  ``target``. The phase ends when every layer has reached ``target`` (``stop_at_target``) or after
+  ``duration`` seconds, the time cap. Without ``stop_at_target`` the whole ``duration`` is spent,
+  on the least certain layer once all are at target. The choice depends only on the data, so the
+  schedule is reproducible from the seed; the next segment is simulated speculatively while the
+  last is estimated and restarted when the estimate changes the choice.
+
+Drive gain (METHOD 2): the spiking network's weights are ``W_hat = drive_gain * n_in * W /
+std(W)``, 0.2 in the reference.
 
 Feedback updates (METHOD 5), applied after every segment to ``Y`` (out x in, like ``W``):
 
@@ -35,9 +50,17 @@ import numpy as np
 from spikealign.errors import UserError
 from spikealign.lif import LIFParams, LIFProgram, SegmentRecord, scaled_weights
 from spikealign.metrics import alignment
-from spikealign.rdd import ESTIMATORS, RDDParams, Windows, filtered_spikes, make_estimator
+from spikealign.rdd import (
+    ESTIMATORS,
+    RDDParams,
+    Windows,
+    filtered_spikes,
+    make_estimator,
+    predicted_sign_agreement,
+)
 
 UPDATES = ("rescale", "gradient")
+SCHEDULES = ("reference", "adaptive")
 
 #: Spikes of the layer above are filtered from this long before a segment (kappa has decayed).
 _HISTORY_S = 0.2
@@ -54,10 +77,14 @@ _BYTES_PER_SEGMENT = 1000
 class PhaseConfig:
     """What one phase does. Durations in seconds of simulated time."""
 
-    duration: float = 90.0  # whole phase, split evenly over the fc layers
+    duration: float = 90.0  # whole phase, split evenly over the fc layers; adaptive: the cap
     update_interval: float = 10.0  # at most this long between feedback updates
     estimator: str = "lms"  # "lms" (reference) or "ols"
     update: str = "rescale"  # "rescale" (reference) or "gradient"
+    schedule: str = "reference"  # "reference" (METHOD 3) or "adaptive" (needs estimator "ols")
+    target: float = 80.0  # adaptive: %, a layer stops when its predicted sign agreement reaches it
+    stop_at_target: bool = True  # adaptive: end the phase once every layer is at target
+    drive_gain: float = 0.2  # W_hat = drive_gain * n_in * W / std(W) (METHOD 2: 0.2)
     seed: int = 0
     eta: float = 0.5  # gradient rule: learning rate
     omega: float = 1.0  # gradient rule: weight of beta
@@ -83,6 +110,19 @@ class PhaseConfig:
             raise UserError(
                 f"unknown feedback update {self.update!r}; choose one of {', '.join(UPDATES)}"
             )
+        if self.schedule not in SCHEDULES:
+            raise UserError(
+                f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
+            )
+        if self.schedule == "adaptive" and self.estimator != "ols":
+            raise UserError(
+                "the adaptive schedule needs estimator 'ols' (its stopping criterion uses the OLS "
+                "standard errors); add --estimator ols"
+            )
+        if not 50 < self.target < 100:
+            raise UserError(f"target must be a sign agreement in (50, 100) %, got {self.target}")
+        if not (math.isfinite(self.drive_gain) and self.drive_gain > 0):
+            raise UserError(f"drive gain must be a positive number, got {self.drive_gain}")
 
 
 def memory_estimate(sizes: list[int], config: PhaseConfig) -> int:
@@ -127,6 +167,8 @@ class PhaseResult:
     build_s: float  # building or loading the compiled program (about 0 when already loaded)
     simulated_s: float
     windows: list[int]  # RDD windows recorded per fc layer
+    schedule: list[tuple[int, float, float]]  # (fc index, start, end) of the segments run
+    criterion: list[dict]  # {"time", "layer", "predicted_sign_agreement"} after each segment (ols)
 
     def final_alignment(self) -> list[dict]:
         """The last alignment record of every fc layer, in order fc1, fc2, ..."""
@@ -134,6 +176,13 @@ class PhaseResult:
         for record in self.alignment:
             last[record["layer"]] = record
         return [last[name] for name in sorted(last, key=lambda name: int(name[2:]))]
+
+    def seconds_per_layer(self) -> list[float]:
+        """Simulated seconds each fc layer was estimated (its driven layer noise-driven)."""
+        seconds = [0.0] * len(self.beta)
+        for fc, start, end in self.schedule:
+            seconds[fc] += end - start
+        return seconds
 
 
 class FeedbackPhase:
@@ -165,31 +214,45 @@ class FeedbackPhase:
         self._needs_activity = self.config.estimator == "ols" and self.config.rdd.ols_adjust
 
     # -- schedule -----------------------------------------------------------------------------
-    def schedule(self) -> list[tuple[int, float, float]]:
-        """(driven layer, start, end) of every segment, in seconds since the phase began."""
+    def segment_plan(self) -> tuple[float, int]:
+        """(segment length in s, number of segments): the reference share of a layer cut into
+        pieces of at most ``update_interval``; the adaptive schedule has the same segments."""
         share = self.config.duration / len(self.fc_names)
-        n_segments = max(1, math.ceil(share / self.config.update_interval - 1e-9))
+        per_layer = max(1, math.ceil(share / self.config.update_interval - 1e-9))
         dt = self.config.lif.dt
-        steps = round(share / n_segments / dt)
+        steps = round(share / per_layer / dt)
         if steps < round(self.config.lif.window_length / dt) + 1:
             raise UserError(
                 f"phase duration {self.config.duration} s is too short: each of the "
                 f"{len(self.fc_names)} fc layers needs more than one RDD window "
                 f"({self.config.lif.window_length * 1e3:.0f} ms)"
             )
-        segment = steps * dt
-        plan = []
-        for fc in range(len(self.fc_names)):
-            for s in range(n_segments):
-                start = (fc * n_segments + s) * segment
-                plan.append((fc, start, start + segment))
-        return plan
+        return steps * dt, per_layer * len(self.fc_names)
+
+    def next_layer(self, driven: list[int], criteria: list[float]) -> int | None:
+        """The fc layer the next segment drives, after segments that drove ``driven`` and with the
+        current predicted sign agreements ``criteria`` (NaN: none yet); None ends the phase."""
+        _, n_segments = self.segment_plan()
+        n_fc = len(self.fc_names)
+        if len(driven) >= n_segments:
+            return None
+        if self.config.schedule == "reference":
+            return len(driven) * n_fc // n_segments
+        for fc in range(n_fc):  # first every layer once
+            if fc not in driven:
+                return fc
+        values = np.nan_to_num(np.asarray(criteria, dtype=np.float64), nan=50.0)
+        below = values < self.config.target
+        if not below.any() and self.config.stop_at_target:
+            return None
+        candidates = np.flatnonzero(below) if below.any() else np.arange(n_fc)
+        return int(candidates[np.argmin(values[candidates])])  # least certain; ties: lowest fc
 
     def program(self) -> LIFProgram:
         """The compiled program for this shape (built or loaded from the cache on first use)."""
-        _, start, end = self.schedule()[0]
-        if self._program is None or abs(self._program.segment_duration - (end - start)) > 1e-9:
-            self._program = LIFProgram(self.sizes, end - start, self.config.lif, self.cache_dir)
+        segment, _ = self.segment_plan()
+        if self._program is None or abs(self._program.segment_duration - segment) > 1e-9:
+            self._program = LIFProgram(self.sizes, segment, self.config.lif, self.cache_dir)
         return self._program
 
     # -- the phase ----------------------------------------------------------------------------
@@ -209,33 +272,42 @@ class FeedbackPhase:
                 self._feedback_std[index] = feedback.std()
         initial_feedbacks = [f.copy() for f in feedbacks]
 
-        plan = self.schedule()
-        p = self.config.lif
-        scaled = [scaled_weights(w, p) for w in weights]
+        segment, n_segments = self.segment_plan()
+        scaled = [scaled_weights(w, self.config.drive_gain) for w in weights]
         history: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         records: list[dict] = []
         window_counts = [0] * len(self.fc_names)
         for fc, feedback in enumerate(feedbacks):
             records.append(self._alignment_record(0.0, fc, weights[fc], feedback))
+        criteria = [math.nan] * len(self.fc_names)
+        driven_so_far: list[int] = []
+        schedule: list[tuple[int, float, float]] = []
+        criterion_records: list[dict] = []
 
         # The log first: it takes the log's lock, so a second writer stops before any work.
-        writer = self._open_log(log_path, weights, initial_feedbacks, plan, records)
+        writer = self._open_log(log_path, weights, initial_feedbacks, records)
         bar = pending = None
         try:
             build_start = time.perf_counter()
             program = self.program()
             build_s = time.perf_counter() - build_start
             state = program.initial_state()
-            bar = self._progress_bar(plan[-1][2])
+            bar = self._progress_bar(segment * n_segments)
             wall_start = time.perf_counter()
             seed = self.config.seed
-            pending = program.start_segment(scaled, state, plan[0][0], seed, plan[0][1])
-            for index, (driven, start, end) in enumerate(plan):
+            driven = self.next_layer(driven_so_far, criteria)
+            pending = program.start_segment(scaled, state, driven, seed, 0.0)
+            while driven is not None:
+                start = len(driven_so_far) * segment
+                end = start + segment
                 record, state = pending.result()
                 pending = None
-                if index + 1 < len(plan):  # simulate the next segment while estimating this one
-                    next_driven, next_start, _ = plan[index + 1]
-                    pending = program.start_segment(scaled, state, next_driven, seed, next_start)
+                driven_so_far.append(driven)
+                schedule.append((driven, start, end))
+                # simulate the likely next segment while estimating this one
+                guess = self.next_layer(driven_so_far, criteria)
+                if guess is not None:
+                    pending = program.start_segment(scaled, state, guess, seed, end)
                 windows = Windows(
                     record.window_neuron,
                     record.window_start,
@@ -245,15 +317,34 @@ class FeedbackPhase:
                 )
                 window_counts[driven] += len(windows)
                 self._estimate(driven, windows, record, history, start, end)
-                beta = self._estimators[driven].beta()
+                estimator = self._estimators[driven]
+                beta = estimator.beta()
                 feedbacks[driven] = self._update(driven, feedbacks[driven], beta)
                 records.append(
                     self._alignment_record(end, driven, weights[driven], feedbacks[driven])
                 )
+                if hasattr(estimator, "standard_errors"):
+                    criteria[driven] = predicted_sign_agreement(beta, estimator.standard_errors())
+                    criterion_records.append(
+                        {
+                            "time": end,
+                            "layer": self.fc_names[driven],
+                            "predicted_sign_agreement": criteria[driven],
+                        }
+                    )
                 if writer is not None:
-                    self._log_segment(writer, record, windows, driven, start, end, records[-1])
+                    self._log_segment(
+                        writer, record, windows, driven, start, end, records[-1], criteria[driven]
+                    )
                 if bar is not None:
                     bar.update(end - start)
+                driven = self.next_layer(driven_so_far, criteria)
+                if driven != guess:  # the estimate changed the choice: restart the next segment
+                    if pending is not None:
+                        pending.cancel()
+                        pending = None
+                    if driven is not None:
+                        pending = program.start_segment(scaled, state, driven, seed, end)
             betas = [estimator.beta().T.copy() for estimator in self._estimators]
             if writer is not None:
                 for fc, name in enumerate(self.fc_names):
@@ -276,8 +367,10 @@ class FeedbackPhase:
             log_path=str(log_path) if log_path is not None else None,
             wall_s=wall_s,
             build_s=build_s,
-            simulated_s=plan[-1][2],
+            simulated_s=schedule[-1][2],
             windows=window_counts,
+            schedule=schedule,
+            criterion=criterion_records,
         )
 
     def _estimate(self, driven, windows, record: SegmentRecord, history, start, end) -> None:
@@ -388,16 +481,12 @@ class FeedbackPhase:
             "feedback (leave Y out)"
         )
 
-    def _open_log(self, log_path, weights, feedbacks, plan, records):
+    def _open_log(self, log_path, weights, feedbacks, records):
         if log_path is None:
             return None
         from spikealign.spikelog import SpikeLogWriter
 
-        params = {
-            "config": asdict(self.config),
-            "sizes": self.sizes,
-            "schedule": plan,
-        }
+        params = {"config": asdict(self.config), "sizes": self.sizes}
         writer = SpikeLogWriter(
             log_path, self.sizes, self.config.lif.dt, params=params, seed=self.config.seed
         )
@@ -414,7 +503,9 @@ class FeedbackPhase:
         writer.flush(0.0)
         return writer
 
-    def _log_segment(self, writer, record, windows, driven, start, end, alignment_record) -> None:
+    def _log_segment(
+        self, writer, record, windows, driven, start, end, alignment_record, criterion
+    ) -> None:
         for layer, (times, indices) in enumerate(
             zip(record.spike_times, record.spike_indices, strict=True)
         ):
@@ -423,6 +514,8 @@ class FeedbackPhase:
             driven, windows.neuron, windows.start, windows.end, windows.u_max, windows.spikes > 0
         )
         writer.append_schedule(driven, start, end)
+        if not math.isnan(criterion):
+            writer.append_criterion(end, driven, criterion)
         writer.append_alignment(
             end,
             driven,

@@ -46,6 +46,41 @@ Two estimators share the recorded windows:
   63 / 75 / 81 % to 68 / 83 / 88 % (``benchmarks/rdd_phase.py``). All of it is sufficient
   statistics: per (side, i) the window sums of dA_j, and the regression's sums over steps.
 
+Standard errors (``OLSEstimator.standard_errors``). Every jump is linear in the outcomes,
+``beta_ik = sum_w c_w dR'_wk``, so with independent windows and a residual variance sigma_sk^2 per
+(side, k), ``Var(beta_ik) = sigma_+k^2 V_+(theta) + sigma_-k^2 V_-(theta)`` with ``V(t) = sum_w
+c_w(t)^2`` for the fitted value at t. For a group of windows (neuron i's spiked windows, or all
+control windows) fitted as ``mean_y + m (t - mean_x)`` with the slope over windows v (centred sum
+of squares S, within groups when pooled)::
+
+    c_v(t) = [v in group] w_v / n + (t - mean_x) w_v (x_v - mean_x(v)) / S
+    V(t)   = W2 / n^2 + 2 (t - mean_x) (W2x - mean_x W2) / (n S) + (t - mean_x)^2 D2 / S^2
+
+    n = sum w, W2 = sum w^2, W2x = sum w^2 x over the group, D2 = sum_v w_v^2 (x_v - mean_x(v))^2
+
+which needs only the sums of w, w x, w x^2 and of w^2, w^2 x, w^2 x^2 per (side, i). (With 0/1
+weights W2 = n, the middle term vanishes and V = 1/n + (t - mean_x)^2 / S, the textbook formula.)
+sigma^2 comes from the windows of the latest segment about the current lines: each residual has
+``E[e_w^2] = sigma^2 (1 - 2 H_ww + V(x_w))``, ``H_ww = w_w (1/n + (x_w - mean_x)^2 / S)`` its
+leverage, so ``sigma^2 = sum e_w^2 / sum (1 - 2 H_ww + V(x_w))`` (``RSS / (n - p)`` for 0/1
+weights). With ``ols_adjust`` this treats gamma as known. It is not while gamma (N_i coefficients
+per k) is fitted from few time steps: the in-sample fit then also absorbs noise and the SEs come
+out too small (on 1600-384-192-10 fc1 after 10 s they promise 93 % sign agreement where 56 % is
+measured; from about 40 steps per driven neuron on they are within 3 points). So the SEs are
+infinite until the regression has ``se_min_steps_per_neuron`` (40) time steps per driven neuron.
+
+Stopping criterion (:func:`predicted_sign_agreement`), from beta_hat and se alone: empirical Bayes
+with a symmetric unimodal prior of the true jumps, ``g = sum_m pi_m U(-a_m, a_m)`` (a grid of
+half-widths, a_0 = 0 a point mass; adaptive shrinkage, Stephens 2017), fitted by maximum
+likelihood to ``beta_hat ~ g * N(0, se^2)``; the prediction is the mean over (i, k) of the
+posterior probability that sign(b) = sign(beta_hat)::
+
+    P_ik = sum_m post_m(beta_hat) P(b beta_hat > 0 | beta_hat, m),
+    P(b > 0 | beta_hat, m) = [Phi(beta_hat/se) - Phi((beta_hat - a)/se)]
+                             / [Phi((beta_hat + a)/se) - Phi((beta_hat - a)/se)]
+
+A plain mean of Phi(|beta_hat| / se) would be biased up: pure noise gives 75 % instead of 50 %.
+
 The outcome sums never touch an (N_i x N_k) array per time step: ``sum_n q_k(n)`` over a window is a
 difference of the running cumulative sum of ``q_k``, and the per-neuron sums over windows are one
 sparse (neurons x time steps) by dense (time steps x N_k) product.
@@ -73,6 +108,9 @@ class RDDParams:
     ols_bandwidth: float | None = None
     ols_pooled: bool = True  # share the control line and spiked slope over neurons (see above)
     ols_adjust: bool = True  # subtract the other driven neurons' predicted effect (see above)
+    # with ols_adjust, standard errors count only once the adjustment's regression has this many
+    # time steps per driven neuron (before, its in-sample fit hides noise; module docstring)
+    se_min_steps_per_neuron: float = 40.0
 
 
 @dataclass
@@ -176,8 +214,7 @@ def outcome_sums(
 def window_outcomes(windows: Windows, q: np.ndarray, first_step: int, dt: float) -> np.ndarray:
     """dR for every window: (n_windows, N_k). Used by LMS, which needs them one by one."""
     start, end, length = window_steps(windows, first_step, q.shape[0], dt)
-    cumulative = np.cumsum(q, axis=0)
-    return (cumulative[end] - cumulative[start]) / length[:, None] - q[start]
+    return _outcomes(q, np.cumsum(q, axis=0), start, end, length)
 
 
 def classify(windows: Windows, params: RDDParams) -> tuple[np.ndarray, np.ndarray]:
@@ -189,19 +226,24 @@ def classify(windows: Windows, params: RDDParams) -> tuple[np.ndarray, np.ndarra
 class OLSEstimator:
     """Exact (optionally kernel-weighted) least squares of both lines, from sufficient statistics.
 
-    Per neuron i and side (spiked / almost spiked) it accumulates sum w, sum w x, sum w x^2 and per
-    (i, k) sum w dR, sum w x dR. Statistics persist across :meth:`add` calls (segments of a phase)
-    and, when the caller keeps the estimator, across phases. With ``ols_adjust`` it also keeps the
-    regression of the layer above on the driven layer and, per (side, i), the window sums of every
-    driven neuron's activity; for 1600 -> 384 that is about 100 MB.
+    Per neuron i and side (spiked / almost spiked) it accumulates sum w, sum w x, sum w x^2 (and
+    the same with w^2, for the standard errors) and per (i, k) sum w dR, sum w x dR. Statistics
+    persist across :meth:`add` calls (segments of a phase) and, when the caller keeps the
+    estimator, across phases. With ``ols_adjust`` it also keeps the regression of the layer above
+    on the driven layer and, per (side, i), the window sums of every driven neuron's activity; for
+    1600 -> 384 that is about 100 MB. :meth:`standard_errors` gives the standard error of every
+    jump (module docstring).
     """
 
     def __init__(self, n_in: int, n_out: int, params: RDDParams) -> None:
         self.params = params
         self.n_in, self.n_out = n_in, n_out
         self.scalar = np.zeros((2, n_in, 3))  # side, neuron, [sum w, sum w x, sum w x^2]
+        self.scalar_sq = np.zeros((2, n_in, 3))  # side, neuron, [sum w^2, sum w^2 x, sum w^2 x^2]
         self.sum_y = np.zeros((2, n_in, n_out))
         self.sum_xy = np.zeros((2, n_in, n_out))
+        # sigma^2 of a window's outcome about its line, per (side, k), from the last segment
+        self.residual_var = np.full((2, n_out), np.nan)
         if params.ols_adjust:
             # window sums of the covariates: like sum_y and sum_xy with a_j in place of dR_k
             self.covariate_y = np.zeros((2, n_in, n_in))
@@ -210,6 +252,7 @@ class OLSEstimator:
             self.steps = np.zeros(())
             self.sum_a, self.sum_q = np.zeros(n_in), np.zeros(n_out)
             self.sum_aa, self.sum_aq = np.zeros((n_in, n_in)), np.zeros((n_in, n_out))
+        self._cache: dict[str, object] = {}  # derived from the statistics; cleared when they change
 
     def add(
         self,
@@ -220,13 +263,21 @@ class OLSEstimator:
         activity: np.ndarray | None = None,
         since_step: int | None = None,
     ) -> None:
-        """Add the windows of one segment.
+        """Add the windows of one segment, then re-estimate sigma^2 from them.
 
         ``q`` is the filtered activity of the layer above from ``first_step`` on. With
         ``ols_adjust``, ``activity`` is ``kappa * kappa * s_j`` of the driven layer over the same
         steps (:func:`filtered_spikes` with ``times=2``); steps before ``since_step`` (history
         shared with the previous segment) enter window outcomes but not the regression.
         """
+        if self.params.ols_adjust and (
+            activity is None or activity.shape != (q.shape[0], self.n_in)
+        ):
+            raise ValueError(
+                "ols_adjust needs the driven layer's activity over the steps of q, shape "
+                f"({q.shape[0]}, {self.n_in}); pass activity= or set ols_adjust=False"
+            )
+        self._cache.clear()
         kept, spiked = classify(windows, self.params)
         x = windows.u_max
         weight = kept.astype(np.float64)
@@ -237,30 +288,26 @@ class OLSEstimator:
         rows = side * self.n_in + windows.neuron
         for column, values in enumerate((weight, weight * x, weight * x * x)):
             np.add.at(self.scalar[..., column].reshape(-1), rows, values)
+            np.add.at(self.scalar_sq[..., column].reshape(-1), rows, weight * values)
         sums = outcome_sums(windows, [weight, weight * x], rows, 2 * self.n_in, q, first_step, dt)
         self.sum_y += sums[0].reshape(2, self.n_in, self.n_out)
         self.sum_xy += sums[1].reshape(2, self.n_in, self.n_out)
-        if not self.params.ols_adjust:
-            return
-        if activity is None or activity.shape != (q.shape[0], self.n_in):
-            raise ValueError(
-                "ols_adjust needs the driven layer's activity over the steps of q, shape "
-                f"({q.shape[0]}, {self.n_in}); pass activity= or set ols_adjust=False"
+        if self.params.ols_adjust:
+            covariates = outcome_sums(
+                windows, [weight, weight * x], rows, 2 * self.n_in, activity, first_step, dt
             )
-        covariates = outcome_sums(
-            windows, [weight, weight * x], rows, 2 * self.n_in, activity, first_step, dt
-        )
-        self.covariate_y += covariates[0].reshape(2, self.n_in, self.n_in)
-        self.covariate_xy += covariates[1].reshape(2, self.n_in, self.n_in)
-        new = slice(
-            max((since_step if since_step is not None else first_step) - first_step, 0), None
-        )
-        a, b = activity[new], q[new]
-        self.steps += len(a)
-        self.sum_a += a.sum(0)
-        self.sum_q += b.sum(0)
-        self.sum_aa += a.T @ a
-        self.sum_aq += a.T @ b
+            self.covariate_y += covariates[0].reshape(2, self.n_in, self.n_in)
+            self.covariate_xy += covariates[1].reshape(2, self.n_in, self.n_in)
+            new = slice(
+                max((since_step if since_step is not None else first_step) - first_step, 0), None
+            )
+            a, b = activity[new], q[new]
+            self.steps += len(a)
+            self.sum_a += a.sum(0)
+            self.sum_q += b.sum(0)
+            self.sum_aa += a.T @ a
+            self.sum_aq += a.T @ b
+        self._update_residual_var(windows, weight, side, q, first_step, dt, activity)
 
     def effects_of_driven(self) -> np.ndarray:
         """(n_in, n_out) least-squares coefficients of q_k on every driven neuron's activity.
@@ -269,27 +316,34 @@ class OLSEstimator:
         driven neurons share input), and only ever applied to neurons other than the one whose
         windows are being adjusted.
         """
-        n = max(float(self.steps), 1.0)
-        mean_a = self.sum_a / n
-        gram = self.sum_aa - n * np.outer(mean_a, mean_a)
-        cross = self.sum_aq - n * np.outer(mean_a, self.sum_q / n)
-        # a tiny ridge keeps neurons that never fired (zero rows) at zero effect
-        ridge = 1e-6 * max(np.trace(gram) / self.n_in, 1e-300)
-        return np.linalg.solve(gram + ridge * np.eye(self.n_in), cross)
+        if "effects" not in self._cache:
+            n = max(float(self.steps), 1.0)
+            mean_a = self.sum_a / n
+            gram = self.sum_aa - n * np.outer(mean_a, mean_a)
+            cross = self.sum_aq - n * np.outer(mean_a, self.sum_q / n)
+            # a tiny ridge keeps neurons that never fired (zero rows) at zero effect
+            ridge = 1e-6 * max(np.trace(gram) / self.n_in, 1e-300)
+            self._cache["effects"] = np.linalg.solve(gram + ridge * np.eye(self.n_in), cross)
+        return self._cache["effects"]
 
     def line_sums(self) -> tuple[np.ndarray, np.ndarray]:
         """The sums the lines are fitted to: (sum w dR, sum w x dR) per (side, i, k), of the
         adjusted outcomes with ``ols_adjust``."""
         if not self.params.ols_adjust:
             return self.sum_y, self.sum_xy
-        effects = self.effects_of_driven()
-        own = np.arange(self.n_in)
-        adjusted = []
-        for sums, covariates in ((self.sum_y, self.covariate_y), (self.sum_xy, self.covariate_xy)):
-            # a neuron's own activity carries its treatment: take its share back out
-            own_share = covariates[:, own, own][..., None] * effects[None]
-            adjusted.append(sums - (covariates @ effects - own_share))
-        return adjusted[0], adjusted[1]
+        if "line_sums" not in self._cache:
+            effects = self.effects_of_driven()
+            own = np.arange(self.n_in)
+            adjusted = []
+            for sums, covariates in (
+                (self.sum_y, self.covariate_y),
+                (self.sum_xy, self.covariate_xy),
+            ):
+                # a neuron's own activity carries its treatment: take its share back out
+                own_share = covariates[:, own, own][..., None] * effects[None]
+                adjusted.append(sums - (covariates @ effects - own_share))
+            self._cache["line_sums"] = (adjusted[0], adjusted[1])
+        return self._cache["line_sums"]
 
     def lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Slopes and intercepts (side, i, k) and which neurons have both sides estimated."""
@@ -306,37 +360,144 @@ class OLSEstimator:
 
     def beta(self) -> np.ndarray:
         """Jump at threshold per (i, k); zero for neurons lacking either kind of window."""
-        if self.params.ols_pooled:
-            return self._pooled_beta()
-        slope, intercept, estimated = self.lines()
         theta = self.params.threshold
-        fitted = slope * theta + intercept
-        return np.where(estimated[:, None], fitted[0] - fitted[1], 0.0)
-
-    def _pooled_beta(self) -> np.ndarray:
-        theta = self.params.threshold
-        n, sx, sxx = (self.scalar[..., c] for c in range(3))
-        # control line of k over the almost-spiked windows of every neuron
-        n0, sx0, sxx0 = n[1].sum(), sx[1].sum(), sxx[1].sum()
-        if n0 <= 0:
+        if not self.params.ols_pooled:
+            slope, intercept, estimated = self.lines()
+            fitted = slope * theta + intercept
+            return np.where(estimated[:, None], fitted[0] - fitted[1], 0.0)
+        fit = self._pooled_fit()
+        if fit is None:
             return np.zeros((self.n_in, self.n_out))
-        sum_y, sum_xy = self.line_sums()
-        sy0, sxy0 = sum_y[1].sum(0), sum_xy[1].sum(0)
-        det0 = n0 * sxx0 - sx0 * sx0
-        slope0 = (n0 * sxy0 - sx0 * sy0) / det0 if det0 > 1e-12 * n0 * sxx0 else 0.0 * sy0
-        control = (sy0 - slope0 * sx0) / n0 + slope0 * theta
-        # spiked side: per-neuron means, one within-neuron slope per k
-        has = n[0] > 0
-        n1 = np.where(has, n[0], 1.0)
-        mean_x = sx[0] / n1
-        mean_y = sum_y[0] / n1[:, None]
-        within_xx = (sxx[0] - sx[0] * mean_x)[has].sum()
-        within_xy = (sum_xy[0] - sx[0][:, None] * mean_y)[has].sum(0)
-        slope1 = within_xy / within_xx if within_xx > 1e-12 else 0.0 * within_xy
-        spiked = mean_y + slope1[None, :] * (theta - mean_x)[:, None]
-        return np.where(has[:, None], spiked - control[None, :], 0.0)
+        spiked = fit.mean_y + fit.slope[None, :] * (theta - fit.mean_x)[:, None]
+        control = fit.control_mean_y + fit.control_slope * (theta - fit.control_mean_x)
+        return np.where(fit.has[:, None], spiked - control[None, :], 0.0)
 
-    _STATE = ("scalar", "sum_y", "sum_xy")
+    def standard_errors(self) -> np.ndarray:
+        """(n_in, n_out) standard error of :meth:`beta`: sqrt(sum_s sigma_sk^2 V_s(theta)).
+
+        ``inf`` where beta is not estimated or no segment has given sigma^2 yet.
+        """
+        theta = self.params.threshold
+        if self.params.ols_pooled:
+            fit = self._pooled_fit()
+            if fit is None:
+                return np.full((self.n_in, self.n_out), np.inf)
+            factor_spiked = fit.variance_factor(0, np.arange(self.n_in), theta)
+            factor_control = fit.variance_factor(1, np.zeros(1, np.int64), theta)
+            has = fit.has
+        else:
+            groups = self._free_groups()
+            neurons = np.arange(self.n_in)
+            factor_spiked = groups[0].variance_factor(neurons, theta)
+            factor_control = groups[1].variance_factor(neurons, theta)
+            has = (self.scalar[0, :, 0] > 0) & (self.scalar[1, :, 0] > 0)
+        variance = (
+            factor_spiked[:, None] * self.residual_var[0][None, :]
+            + factor_control[:, None] * self.residual_var[1][None, :]
+        )
+        usable = has[:, None] & np.isfinite(variance) & (variance > 0)
+        if self.params.ols_adjust and self.steps < self.params.se_min_steps_per_neuron * self.n_in:
+            usable[:] = False  # the adjustment still overfits: sigma^2 is too small to trust
+        return np.where(usable, np.sqrt(np.where(usable, variance, 1.0)), np.inf)
+
+    # -- the fitted lines as groups of windows ----------------------------------------------------
+    def _pooled_fit(self) -> _PooledFit | None:
+        """The pooled lines (cached): per-neuron spiked means with one within slope per k, and
+        one control line per k; None before any almost-spiked window."""
+        if "pooled" in self._cache:
+            return self._cache["pooled"]
+        n, sx, sxx = (self.scalar[..., c] for c in range(3))
+        fit = None
+        if n[1].sum() > 0:
+            sum_y, sum_xy = self.line_sums()
+            control = _Group.of(self.scalar[1].sum(0)[None], self.scalar_sq[1].sum(0)[None])
+            control_mean_y = sum_y[1].sum(0) / control.n[0]
+            control_slope = (
+                (sum_xy[1].sum(0) - control.sx[0] * control_mean_y) / control.slope_xx
+                if control.slope_xx > 0
+                else np.zeros(self.n_out)
+            )
+            spiked = _Group.of(self.scalar[0], self.scalar_sq[0])
+            mean_y = sum_y[0] / spiked.n[:, None]
+            within_xy = (sum_xy[0] - sx[0][:, None] * mean_y)[spiked.has].sum(0)
+            slope = within_xy / spiked.slope_xx if spiked.slope_xx > 0 else 0.0 * within_xy
+            fit = _PooledFit(
+                has=spiked.has,
+                mean_x=spiked.mean_x,
+                mean_y=mean_y,
+                slope=slope,
+                control_mean_x=control.mean_x[0],
+                control_mean_y=control_mean_y,
+                control_slope=control_slope,
+                groups=(spiked, control),
+            )
+        self._cache["pooled"] = fit
+        return fit
+
+    def _free_groups(self) -> tuple[_Group, _Group]:
+        """Two free lines per (i, k): every (side, neuron) is its own group with its own slope."""
+        return tuple(
+            _Group.of(self.scalar[s], self.scalar_sq[s], pooled_slope=False) for s in (0, 1)
+        )
+
+    def _fitted_and_factor(
+        self, neuron: np.ndarray, x: np.ndarray, side: np.ndarray, weight: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Fitted outcome (windows, N_k) of windows in the fit, and E[residual^2] / sigma^2."""
+        fitted = np.empty((len(x), self.n_out))
+        factor = np.empty(len(x))
+        if self.params.ols_pooled:
+            fit = self._pooled_fit()
+            for s in (0, 1):
+                rows = side == s
+                index = neuron[rows] if s == 0 else np.zeros(rows.sum(), np.int64)
+                if s == 0:
+                    fitted[rows] = (
+                        fit.mean_y[index]
+                        + fit.slope[None, :] * (x[rows] - fit.mean_x[index])[:, None]
+                    )
+                else:
+                    fitted[rows] = (
+                        fit.control_mean_y
+                        + fit.control_slope * (x[rows] - fit.control_mean_x)[:, None]
+                    )
+                factor[rows] = fit.groups[s].residual_factor(index, x[rows], weight[rows])
+            return fitted, factor
+        slope, intercept, _ = self.lines()
+        groups = self._free_groups()
+        for s in (0, 1):
+            rows = side == s
+            index = neuron[rows]
+            fitted[rows] = slope[s, index] * x[rows][:, None] + intercept[s, index]
+            factor[rows] = groups[s].residual_factor(index, x[rows], weight[rows])
+        return fitted, factor
+
+    def _update_residual_var(self, windows, weight, side, q, first_step, dt, activity) -> None:
+        """sigma^2 per (side, k) from this segment's windows about the current lines:
+        sum e_w^2 / sum (1 - 2 H_ww + (H H^T)_ww), unbiased for any fixed window weights. An even
+        subsample of ``_RESIDUAL_WINDOWS`` windows is plenty (a few % on sigma^2)."""
+        use = np.flatnonzero(weight > 0)
+        if len(use) == 0 or (self.params.ols_pooled and self._pooled_fit() is None):
+            return  # no windows, or no control line yet
+        sample = np.linspace(0, len(use) - 1, min(len(use), _RESIDUAL_WINDOWS)).astype(int)
+        use = use[np.unique(sample)]
+        start, end, length = window_steps(windows, first_step, q.shape[0], dt)
+        start, end, length, neuron = start[use], end[use], length[use], windows.neuron[use]
+        outcome = _outcomes(q, np.cumsum(q, axis=0), start, end, length)
+        if self.params.ols_adjust:
+            # the adjusted outcome dR'_w = dR_w - sum_{j != i} dA_wj gamma_jk (module docstring)
+            effects = self.effects_of_driven()
+            covariates = _outcomes(activity, np.cumsum(activity, axis=0), start, end, length)
+            outcome -= covariates @ effects
+            outcome += covariates[np.arange(len(use)), neuron][:, None] * effects[neuron]
+        fitted, factor = self._fitted_and_factor(neuron, windows.u_max[use], side[use], weight[use])
+        sides = np.eye(2)[side[use]].T  # (2, windows): sums per side as one product
+        squares, factors = sides @ (outcome - fitted) ** 2, sides @ factor
+        for s in (0, 1):
+            if factors[s] > _MIN_RESIDUAL_DOF:
+                self.residual_var[s] = squares[s] / factors[s]
+
+    _STATE = ("scalar", "scalar_sq", "sum_y", "sum_xy", "residual_var")
     _ADJUST_STATE = ("covariate_y", "covariate_xy", "steps", "sum_a", "sum_q", "sum_aa", "sum_aq")
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -345,8 +506,102 @@ class OLSEstimator:
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         names = self._STATE + (self._ADJUST_STATE if self.params.ols_adjust else ())
+        state = dict(state)
+        # states saved before the standard errors existed: unweighted sums of w^2 equal those of
+        # w (0/1 weights), and sigma^2 is unknown until the next segment
+        if "scalar_sq" not in state and self.params.ols_bandwidth is None:
+            state["scalar_sq"] = state["scalar"]
+        state.setdefault("residual_var", np.full((2, self.n_out), np.nan))
         for name in names:
             setattr(self, name, np.array(state[name], dtype=np.float64))
+        self._cache.clear()
+
+
+#: Windows whose residuals estimate sigma^2 after each segment (an even subsample of the kept).
+_RESIDUAL_WINDOWS = 4096
+#: sigma^2 is re-estimated only from a segment with more residual degrees of freedom than this.
+_MIN_RESIDUAL_DOF = 10.0
+
+
+def _outcomes(q, cumulative, start, end, length, columns=None) -> np.ndarray:
+    """dR of windows (start, end, length in steps) from q and its cumulative sum over steps: all
+    columns, or one column per window."""
+    if columns is None:
+        return (cumulative[end] - cumulative[start]) / length[:, None] - q[start]
+    return (cumulative[end, columns] - cumulative[start, columns]) / length - q[start, columns]
+
+
+@dataclass
+class _Group:
+    """Windows fitted together: per member (neuron) n, sum w x, the w^2 sums and, for the slope,
+    the centred sum of squares and D2 = sum w^2 (x - mean x)^2 over the windows it is fitted to.
+    With ``pooled_slope`` the members share one slope (within-member), else each has its own."""
+
+    n: np.ndarray
+    sx: np.ndarray
+    mean_x: np.ndarray
+    has: np.ndarray
+    squares: np.ndarray  # (members, 3): sum w^2, sum w^2 x, sum w^2 x^2
+    slope_xx: np.ndarray | float  # centred sum w (x - mean x)^2: shared, or per member
+    slope_d2: np.ndarray | float  # sum w^2 (x - mean x)^2: shared, or per member
+
+    @classmethod
+    def of(cls, scalar: np.ndarray, squares: np.ndarray, pooled_slope: bool = True) -> _Group:
+        n, sx, sxx = scalar[:, 0], scalar[:, 1], scalar[:, 2]
+        has = n > 0
+        mean_x = sx / np.where(has, n, 1.0)
+        centred = np.where(has, sxx - sx * mean_x, 0.0)
+        w2, w2x, w2xx = squares[:, 0], squares[:, 1], squares[:, 2]
+        d2 = np.where(has, w2xx - 2 * mean_x * w2x + mean_x**2 * w2, 0.0)
+        # as in the lines, a degenerate slope is fixed at zero (and then has no variance)
+        if pooled_slope:
+            slope_xx = centred.sum() if centred.sum() > 1e-12 * max(sxx.sum(), 1e-300) else 0.0
+            slope_d2 = d2.sum()
+        else:
+            flat = centred <= 1e-12 * np.maximum(sxx, 1e-300)
+            slope_xx, slope_d2 = np.where(flat, 0.0, centred), d2
+        return cls(np.where(has, n, 1.0), sx, mean_x, has, squares, slope_xx, slope_d2)
+
+    def _slope_terms(self, index):
+        xx = self.slope_xx if np.ndim(self.slope_xx) == 0 else self.slope_xx[index]
+        d2 = self.slope_d2 if np.ndim(self.slope_d2) == 0 else self.slope_d2[index]
+        inverse = np.divide(1.0, xx, out=np.zeros_like(np.asarray(xx, float)), where=xx > 0)
+        return inverse, d2
+
+    def variance_factor(self, index: np.ndarray, t) -> np.ndarray:
+        """V(t) = sum_v c_v(t)^2 for the fitted value at t of each member in ``index``."""
+        n, mean_x = self.n[index], self.mean_x[index]
+        w2, w2x = self.squares[index, 0], self.squares[index, 1]
+        inverse, d2 = self._slope_terms(index)
+        offset = t - mean_x
+        return (
+            w2 / n**2 + 2 * offset * (w2x - mean_x * w2) * inverse / n + offset**2 * d2 * inverse**2
+        )
+
+    def residual_factor(self, index: np.ndarray, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """E[e_w^2] / sigma^2 = 1 - 2 H_ww + (H H^T)_ww for windows of the fit."""
+        inverse, _ = self._slope_terms(index)
+        offset = x - self.mean_x[index]
+        leverage = weight * (1.0 / self.n[index] + offset**2 * inverse)
+        return 1.0 - 2.0 * leverage + self.variance_factor(index, x)
+
+
+@dataclass
+class _PooledFit:
+    """The pooled lines: spiked side per neuron ``mean_y + slope (x - mean_x)``, control side
+    ``control_mean_y + control_slope (x - control_mean_x)``."""
+
+    has: np.ndarray
+    mean_x: np.ndarray
+    mean_y: np.ndarray
+    slope: np.ndarray
+    control_mean_x: float
+    control_mean_y: np.ndarray
+    control_slope: np.ndarray
+    groups: tuple[_Group, _Group]
+
+    def variance_factor(self, side: int, index: np.ndarray, t) -> np.ndarray:
+        return self.groups[side].variance_factor(index, t)
 
 
 class LMSEstimator:
@@ -418,3 +673,69 @@ def make_estimator(name: str, n_in: int, n_out: int, params: RDDParams):
     if name == "ols":
         return OLSEstimator(n_in, n_out, params)
     raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
+
+
+def predicted_sign_agreement(beta: np.ndarray, se: np.ndarray, max_fit: int = 50_000) -> float:
+    """Predicted % of jumps whose estimated sign is the true one, from beta and its SEs alone.
+
+    Empirical Bayes (module docstring): the true jumps b of the layer are drawn from a symmetric
+    unimodal prior g = sum_m pi_m U(-a_m, a_m) (a_0 = 0 a point mass), beta_hat | b ~ N(b, se^2);
+    the weights pi are the maximum-likelihood fit and the prediction is the mean of
+    P(sign b = sign beta_hat | beta_hat), both over at most ``max_fit`` entries (an even stride,
+    so the result is deterministic). Entries with an infinite SE (not estimated) count 1/2.
+    """
+    beta, se = np.ravel(beta), np.ravel(se)
+    known = np.isfinite(se) & (se > 0)
+    if not known.any():
+        return 50.0
+    b, s = beta[known], se[known]
+    sample = np.unique(np.linspace(0, len(b) - 1, min(len(b), max_fit)).astype(np.int64))
+    b, s = b[sample], s[sample]
+    grid = _prior_grid(b, s)
+    densities, right_sign = zip(*(_component(b, s, a) for a in grid), strict=True)
+    densities, right_sign = np.array(densities), np.array(right_sign)
+    weights = _mixture_weights(densities / np.maximum(densities.max(0), 1e-300))
+    posterior = weights[:, None] * densities
+    right = (posterior * right_sign).sum(0) / np.maximum(posterior.sum(0), 1e-300)
+    return 100.0 * (right.mean() * known.sum() + 0.5 * (~known).sum()) / len(beta)
+
+
+def _mixture_weights(likelihood: np.ndarray) -> np.ndarray:
+    """Maximum-likelihood mixture weights pi (on the simplex) of components x samples densities:
+    maximise mean log(sum_m pi_m L_mn). EM converges slowly here; instead L-BFGS-B minimises the
+    convex ``-mean log(L x) + sum x`` over x >= 0, whose minimum has sum x = 1 and is the MLE
+    (the KKT conditions of the two problems coincide; as in mix-SQP, Kim et al. 2020)."""
+    from scipy.optimize import minimize
+
+    def objective(x):
+        mixture = np.maximum(x @ likelihood, 1e-300)
+        return -np.mean(np.log(mixture)) + x.sum(), 1.0 - (likelihood / mixture).mean(1)
+
+    start = np.full(len(likelihood), 1.0 / len(likelihood))
+    bounds = [(0.0, None)] * len(likelihood)
+    options = {"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10}
+    x = minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds, options=options).x
+    return x / max(x.sum(), 1e-300)
+
+
+def _prior_grid(b: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Half-widths a_m of the prior's uniform components: 0, then a factor sqrt(2) apart from
+    min(se) / 10 to twice the largest plausible |b| (as in adaptive shrinkage, Stephens 2017)."""
+    low = max(float(s.min()) / 10, 1e-300)
+    high = 2 * np.sqrt(max(float(np.max(b**2 - s**2)), low**2 * 4))
+    count = max(int(np.ceil(np.log(high / low) / np.log(np.sqrt(2)))), 1)
+    return np.r_[0.0, low * np.sqrt(2) ** np.arange(count + 1)]
+
+
+def _component(b: np.ndarray, s: np.ndarray, a: float) -> tuple[np.ndarray, np.ndarray]:
+    """Density of beta_hat under the prior component U(-a, a) (a = 0: point mass at 0) and the
+    probability that the true b has beta_hat's sign under it."""
+    from scipy.special import ndtr
+
+    if a == 0:
+        return np.exp(-0.5 * (b / s) ** 2) / (np.sqrt(2 * np.pi) * s), np.full(len(b), 0.5)
+    upper, lower = ndtr((b + a) / s), ndtr((b - a) / s)
+    mass = upper - lower
+    positive = (ndtr(b / s) - lower) / np.maximum(mass, 1e-300)  # P(b > 0 | beta_hat)
+    right = np.where(mass > 0, np.where(b >= 0, positive, 1 - positive), 0.5)
+    return mass / (2 * a), right

@@ -1,9 +1,11 @@
 """HDF5 spike log of the spiking feedback-training phase (schema version 2).
 
 One file holds one phase: the spikes of every LIF layer, the RDD window events of the noise-driven
-layers, the drive schedule, the alignment between forward weights W and feedback Y as the run goes,
-and at the end W, Y before/after and the causal-effect estimates beta of every fully connected
-weight matrix. The layout is documented as a table in docs/spikelog.md.
+layers, the drive schedule that was run, the alignment between forward weights W and feedback Y as
+the run goes, the stopping criterion (predicted sign agreement) after every segment, and at the
+end W, Y before/after and the causal-effect estimates beta of every fully connected weight matrix.
+The layout is documented as a table in docs/spikelog.md. Version 2 added ``/criterion``; the reader
+opens version 1 logs too and gives them an empty criterion table.
 
 Writing (:class:`SpikeLogWriter`) is crash-safe: after the writing process dies at any moment
 (``kill -9`` included), the reader returns exactly the data of the last commit, or says the log is
@@ -60,7 +62,7 @@ from spikealign.outputs import (
 )
 
 FORMAT = "spikealign.spikelog"
-VERSION = 2  # 2: SWMR, chunk-aligned flushes, /status/commits; 1 is still read
+VERSION = 2  # 2: SWMR, chunk-aligned flushes, /status/commits, /criterion; 1 is still read
 PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
 COMMITS = "status/commits"
@@ -90,6 +92,8 @@ ALIGNMENT_COLUMNS = {
     "sign_agreement": np.float64,
     "norm_ratio": np.float64,
 }
+#: Version 2: the stopping criterion after each segment (spikealign.rdd.predicted_sign_agreement).
+CRITERION_COLUMNS = {"time": np.float64, "fc": np.int32, "predicted_sign_agreement": np.float64}
 WEIGHT_NAMES = ("W", "Y_before", "Y_after", "beta")
 
 
@@ -236,6 +240,7 @@ class SpikeLogWriter:
         tables = [(f"layers/{name}", SPIKE_COLUMNS) for name in self.layer_names]
         tables += [(f"windows/{name}", WINDOW_COLUMNS) for name in self.layer_names]
         tables += [("schedule", SCHEDULE_COLUMNS), ("alignment", ALIGNMENT_COLUMNS)]
+        tables += [("criterion", CRITERION_COLUMNS)]
         # Every dataset exists from the start: SWMR writing can append, not create.
         self._columns: list[str] = []
         for group_path, columns in tables:
@@ -369,6 +374,27 @@ class SpikeLogWriter:
         columns = {key: np.array([value], np.float64) for key, value in row.items()}
         columns["fc"] = np.array([fc], np.int32)
         self._queue("alignment", columns)
+
+    def append_criterion(
+        self, time: float, fc_index: int | str, predicted_sign_agreement: float
+    ) -> None:
+        """Queue the stopping criterion of one fc matrix at simulated ``time`` (s): its predicted
+        sign agreement (%), computed from the recorded data alone."""
+        self._check_open()
+        fc = _resolve(fc_index, self.fc_names, "fc matrix", "append_criterion")
+        if not (np.isfinite(time) and 0 <= predicted_sign_agreement <= 100):
+            raise UserError(
+                "append_criterion needs a finite time and a sign agreement in 0..100 %, got "
+                f"{time}, {predicted_sign_agreement}"
+            )
+        self._queue(
+            "criterion",
+            {
+                "time": np.array([time], np.float64),
+                "fc": np.array([fc], np.int32),
+                "predicted_sign_agreement": np.array([predicted_sign_agreement], np.float64),
+            },
+        )
 
     def write_weights(
         self, fc_name: int | str, W=None, Y_before=None, Y_after=None, beta=None
@@ -872,6 +898,21 @@ class SpikeLog:
         self._check_index(table["fc"], len(self.fc_names), "/alignment/fc")
         return table
 
+    def criterion(self) -> dict[str, np.ndarray]:
+        """Criterion records: time (s), fc (0 is fc1), predicted_sign_agreement (%); empty in a
+        version 1 log, which has no such table."""
+        if self.version < 2:
+            return {name: np.zeros(0, dtype) for name, dtype in CRITERION_COLUMNS.items()}
+        return self._table("criterion", CRITERION_COLUMNS)
+
+    def schedule_kind(self) -> str | None:
+        """The phase's schedule ("reference", "adaptive") from its parameters; None if unknown.
+        Logs of version 1 predate the choice and ran the reference schedule."""
+        config = self.params.get("config") if isinstance(self.params, dict) else None
+        if isinstance(config, dict) and "schedule" in config:
+            return str(config["schedule"])
+        return "reference" if self.version < 2 and isinstance(config, dict) else None
+
     def weights(self, fc: int | str) -> dict[str, np.ndarray]:
         """The matrices written for one fc (any of W, Y_before, Y_after, beta), out x in float32."""
         index = self.fc_index(fc)
@@ -952,6 +993,7 @@ class SpikeLog:
                 schedule["layer"], schedule["start"], schedule["end"], strict=True
             )
         ]
+        criterion = self.criterion()
         records = self.alignment()
         alignment = {}
         for fc, name in enumerate(self.fc_names):
@@ -976,7 +1018,21 @@ class SpikeLog:
             "dt": self.dt,
             "seed": self.seed,
             "layers": layers,
+            "schedule_kind": self.schedule_kind(),
             "schedule": segments,
+            "criterion": [
+                {
+                    "time": float(time),
+                    "fc": self.fc_names[fc],
+                    "predicted_sign_agreement": float(value),
+                }
+                for time, fc, value in zip(
+                    criterion["time"],
+                    criterion["fc"],
+                    criterion["predicted_sign_agreement"],
+                    strict=True,
+                )
+            ],
             "alignment": alignment,
         }
 
@@ -1083,4 +1139,58 @@ def plot_alignment(log: SpikeLog, path: str | os.PathLike) -> Path:
             panel.legend(fontsize=8)
         else:
             panel.text(0.5, 0.5, "no alignment records", ha="center", transform=panel.transAxes)
+    return _save(figure, path)
+
+
+def plot_criterion(log: SpikeLog, path: str | os.PathLike) -> Path:
+    """The schedule that was run (driven fc per segment) and, per fc matrix, the stopping
+    criterion (predicted sign agreement, solid) beside the measured sign agreement (dashed)."""
+    schedule, criterion, records = log.schedule(), log.criterion(), log.alignment()
+    figure = _figure(10, 5)
+    schedule_panel, value_panel = figure.subplots(
+        2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 3]}
+    )
+    colors = [f"C{fc}" for fc in range(len(log.fc_names))]
+    for layer, start, end in zip(
+        schedule["layer"], schedule["start"], schedule["end"], strict=True
+    ):
+        fc = int(layer)  # the driven layer l estimates fc(l + 1), index l
+        if fc < len(log.fc_names):
+            schedule_panel.barh(fc, end - start, left=start, color=colors[fc], edgecolor="white")
+    schedule_panel.set_yticks(range(len(log.fc_names)), log.fc_names)
+    schedule_panel.invert_yaxis()
+    kind = log.schedule_kind() or "unknown"
+    schedule_panel.set_title(
+        f"schedule ({kind}): the fc matrix estimated in each segment", fontsize=9
+    )
+    for fc, name in enumerate(log.fc_names):
+        rows = criterion["fc"] == fc
+        if rows.any():
+            value_panel.plot(
+                criterion["time"][rows],
+                criterion["predicted_sign_agreement"][rows],
+                marker=".",
+                color=colors[fc],
+                label=f"{name} predicted",
+            )
+        rows = records["fc"] == fc
+        if rows.any():
+            value_panel.plot(
+                records["time"][rows],
+                records["sign_agreement"][rows],
+                linestyle="--",
+                color=colors[fc],
+                label=f"{name} measured (vs W)",
+            )
+    config = log.params.get("config", {}) if isinstance(log.params, dict) else {}
+    if kind == "adaptive" and "target" in config:
+        value_panel.axhline(config["target"], color="grey", linewidth=0.8, label="target")
+    if not len(criterion["fc"]):
+        value_panel.text(
+            0.5, 0.5, "no criterion records (lms, or a version 1 log)", ha="center",
+            transform=value_panel.transAxes,
+        )  # fmt: skip
+    value_panel.set_xlabel("simulated time (s)")
+    value_panel.set_ylabel("sign agreement (%)")
+    value_panel.legend(fontsize=7, ncol=2)
     return _save(figure, path)

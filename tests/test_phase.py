@@ -3,11 +3,13 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from sims import rdd_phase
+from spikealign.errors import UserError
 from spikealign.metrics import alignment
 from spikealign.phase import FeedbackPhase, PhaseConfig, kaiming_uniform
 from spikealign.spikelog import open_log
@@ -195,3 +197,63 @@ def test_cli_bad_inputs(tmp_path):
     assert "checkpoint" in _cli_error(tmp_path, "--checkpoint", str(text))
     assert "--sizes" in _cli_error(tmp_path, "--sizes", "40,x")
     assert "is a file, not a directory" in _cli_error(tmp_path, "--log", str(text / "log.h5"))
+
+
+def adaptive(seed, target=90.0, **extra):
+    config = PhaseConfig(
+        duration=3 * DURATION, seed=seed, estimator="ols", schedule="adaptive", target=target
+    )  # six 10 s segments at most: the same program as the other tests
+    return FeedbackPhase(SIZES, replace(config, **extra), progress=False)
+
+
+def test_adaptive_schedule_follows_the_criterion_reproduces_and_survives_resume():
+    weights, feedbacks = weights_and_feedbacks()
+    first = adaptive(3)
+    one, two = first.run(weights, feedbacks), first.run(weights, feedbacks)
+    for result in (one, two):
+        assert [fc for fc, _, _ in result.schedule[:2]] == [0, 1]  # every layer once first
+        assert result.simulated_s == pytest.approx(60.0)  # target 90 % not reached: the cap
+        criteria = {}
+        for (fc, _, end), record in zip(result.schedule, result.criterion, strict=True):
+            if len(criteria) == 2:  # later segments go to the least certain layer below target
+                assert fc == min(criteria, key=lambda layer: (criteria[layer], layer))
+            assert record["time"] == end and record["layer"] == f"fc{fc + 1}"
+            criteria[fc] = record["predicted_sign_agreement"]
+        assert 50 <= min(criteria.values()) and max(criteria.values()) < 90
+    # a fresh phase with the same seed repeats the first, and one resumed from the state after
+    # it repeats the second (the estimator statistics, SEs and residual variances carry over)
+    again = adaptive(3)
+    repeat = again.run(weights, feedbacks)
+    assert repeat.schedule == one.schedule and repeat.criterion == one.criterion
+    resumed = adaptive(3)
+    resumed.load_state_dict(again.state_dict())
+    continued = resumed.run(weights, feedbacks)
+    assert continued.schedule == two.schedule and continued.criterion == two.criterion
+    assert all(np.array_equal(a, b) for a, b in zip(continued.beta, two.beta, strict=True))
+
+
+def test_adaptive_phase_stops_when_every_layer_is_at_target(tmp_path):
+    weights, feedbacks = weights_and_feedbacks()
+    result = adaptive(3, target=55.0).run(weights, feedbacks, log_path=tmp_path / "phase.h5")
+    layers = [fc for fc, _, _ in result.schedule]
+    assert layers[:2] == [0, 1] and result.simulated_s < 60.0  # stopped before the cap
+    final = {r["layer"]: r["predicted_sign_agreement"] for r in result.criterion}
+    assert min(final.values()) >= 55 and len(final) == 2
+    assert all(r["predicted_sign_agreement"] < 55 for r in result.criterion[:-1][2:])
+    with open_log(tmp_path / "phase.h5") as log:
+        assert log.schedule_kind() == "adaptive"
+        np.testing.assert_array_equal(log.schedule()["layer"], layers)
+        stored = log.criterion()["predicted_sign_agreement"]
+        assert stored.tolist() == [r["predicted_sign_agreement"] for r in result.criterion]
+    with pytest.raises(UserError, match="needs estimator 'ols'"):
+        adaptive(3, estimator="lms")
+
+
+def test_drive_gain_scales_the_spiking_weights():
+    from spikealign.lif import scaled_weights
+
+    weights, _ = weights_and_feedbacks()
+    half = scaled_weights(weights[0], 0.1)
+    assert np.allclose(half, 0.1 * 40 * weights[0] / weights[0].std())
+    with pytest.raises(UserError, match="drive gain"):
+        PhaseConfig(drive_gain=0.0).validate()

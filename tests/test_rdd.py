@@ -11,12 +11,14 @@ from spikealign.rdd import (
     Windows,
     filtered_spikes,
     outcome_sums,
+    predicted_sign_agreement,
     window_outcomes,
 )
 
 DT = 1e-3
 LENGTH = 30
 PLAIN = RDDParams(ols_adjust=False)  # synthetic windows without a driven layer to adjust for
+FIELDS = ("neuron", "start", "end", "u_max", "spikes")
 
 
 def synthetic(n_in, n_out, per_neuron, beta, slope_up, slope_down, noise, seed=0):
@@ -175,6 +177,13 @@ def test_estimator_state_round_trip():
         b = cls(2, 2, RDDParams())
         b.load_state_dict(a.state_dict())
         assert np.array_equal(a.beta(), b.beta())
+        if cls is OLSEstimator:  # and the standard errors; a state from before they existed loads
+            assert np.array_equal(a.standard_errors(), b.standard_errors())
+            old = {
+                k: v for k, v in a.state_dict().items() if k not in ("scalar_sq", "residual_var")
+            }
+            b.load_state_dict(old)
+            assert np.array_equal(a.beta(), b.beta()) and np.all(np.isinf(b.standard_errors()))
 
 
 def test_filtered_twice_is_the_double_convolution():
@@ -264,3 +273,127 @@ def test_adjusted_ols_leaves_the_neurons_own_activity_alone():
     impulse = filtered_spikes(np.array([0.012]), np.array([0]), 1, 0, 60, DT, 10e-3, 3e-3, 2)
     expected = effects * window_outcomes(one, impulse, 0, DT)[0, 0]
     assert np.corrcoef(estimator.beta().ravel(), expected.ravel())[0, 1] > 0.95
+
+
+# -- standard errors and the stopping criterion ---------------------------------------------------
+def direct_jump_and_se(windows, y, params, n_in):
+    """Jump and its standard error per (i, k) by direct weighted least squares on a design matrix.
+
+    Each side is one regression of y on [its columns]; the pooled spiked side has one intercept per
+    neuron and one slope, the control side one line; free lines give every (side, neuron) its own
+    line. With weights w the covariance is the sandwich s2 A^-1 X'W^2X A^-1 (A = X'WX), which is
+    s2 (X'X)^-1 for 0/1 weights, and s2 = RSS / trace((I - H)(I - H)') (= RSS / (n - p) then).
+    """
+    kept = np.abs(windows.u_max - params.threshold) <= params.u_band
+    x = windows.u_max
+    weight = kept.astype(float)
+    if params.ols_bandwidth is not None:
+        weight *= np.clip(1 - np.abs(x - params.threshold) / params.ols_bandwidth, 0, None)
+    theta = params.threshold
+    parts = []
+    for spiked in (True, False):
+        rows = np.flatnonzero((weight > 0) & ((windows.spikes > 0) == spiked))
+        onehot = np.eye(n_in)[windows.neuron[rows]]
+        if params.ols_pooled and spiked:  # a_i + m x
+            design = np.column_stack([onehot, x[rows]])
+            at_theta = np.column_stack([np.eye(n_in), np.full(n_in, theta)])
+        elif params.ols_pooled:  # c + m x, the same for every neuron
+            design = np.column_stack([np.ones(len(rows)), x[rows]])
+            at_theta = np.tile([1.0, theta], (n_in, 1))
+        else:  # a_i + m_i x
+            design = np.column_stack([onehot, onehot * x[rows, None]])
+            at_theta = np.column_stack([np.eye(n_in), theta * np.eye(n_in)])
+        w = weight[rows]
+        a_inv = np.linalg.inv(design.T @ (w[:, None] * design))
+        hat = design @ a_inv @ (design.T * w)
+        coef = a_inv @ (design.T * w) @ y[rows]
+        residual = y[rows] - design @ coef
+        dof = np.trace((np.eye(len(rows)) - hat) @ (np.eye(len(rows)) - hat).T)
+        s2 = (residual**2).sum(0) / dof
+        sandwich = a_inv @ (design.T * w**2) @ design @ a_inv
+        factor = np.einsum("ip,pq,iq->i", at_theta, sandwich, at_theta)
+        parts.append((at_theta @ coef, factor[:, None] * s2[None, :]))
+    jump = parts[0][0] - parts[1][0]
+    return jump, np.sqrt(parts[0][1] + parts[1][1])
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        RDDParams(ols_adjust=False),
+        RDDParams(ols_adjust=False, ols_pooled=False),
+        RDDParams(ols_adjust=False, ols_bandwidth=0.25),
+    ],
+)
+def test_standard_errors_match_direct_least_squares(params):
+    beta = np.random.default_rng(7).normal(size=(6, 3))
+    windows, q, outcome = synthetic(6, 3, 40, beta, 0.4, -0.3, noise=0.3, seed=7)
+    windows.u_max[:4] = 30.0  # dropped (outside u_band); must not count
+    estimator = OLSEstimator(6, 3, params)
+    estimator.add(windows, q, 0, DT)
+    jump, se = direct_jump_and_se(windows, outcome, params, 6)
+    assert np.allclose(estimator.beta(), jump)
+    assert np.allclose(estimator.standard_errors(), se, rtol=1e-9)
+
+
+def test_adjusted_standard_errors_match_direct_least_squares_of_adjusted_outcomes():
+    windows, q, activity, beta = adjusted_case(seed=2, n_in=8, per_neuron=50)
+    params = RDDParams()
+    estimator = OLSEstimator(*beta.shape, params)
+    estimator.add(windows, q, 0, DT, activity=activity)
+    # the regression of q on the driven layer, directly, and dR'_w = dR_w - sum_{j != i} dA_wj g_jk
+    design = np.column_stack([np.ones(len(q)), activity])
+    effects = np.linalg.lstsq(design, q, rcond=None)[0][1:]
+    assert np.allclose(estimator.effects_of_driven(), effects, rtol=1e-4, atol=1e-8)
+    covariates = window_outcomes(windows, activity, 0, DT)
+    own = covariates[np.arange(len(windows)), windows.neuron]
+    adjusted = (
+        window_outcomes(windows, q, 0, DT)
+        - covariates @ effects
+        + own[:, None] * effects[windows.neuron]
+    )
+    jump, se = direct_jump_and_se(windows, adjusted, params, beta.shape[0])
+    assert np.allclose(estimator.beta(), jump, rtol=1e-4, atol=1e-8)
+    assert np.allclose(estimator.standard_errors(), se, rtol=1e-4)
+
+
+def test_standard_errors_are_calibrated_over_segments():
+    # (beta_hat - beta) / se is standard normal: the errors match the stated uncertainty
+    beta = np.random.default_rng(8).normal(size=(60, 4))
+    windows, q, _ = synthetic(60, 4, 30, beta, 0.4, -0.3, noise=0.5, seed=8)
+    estimator = OLSEstimator(60, 4, RDDParams(ols_adjust=False))
+    half = len(windows) // 2
+    for part in (slice(0, half), slice(half, None)):  # sigma^2 from the last segment
+        estimator.add(Windows(*(getattr(windows, f)[part] for f in FIELDS)), q, 0, DT)
+    z = (estimator.beta() - beta) / estimator.standard_errors()
+    assert 0.85 < z.std() < 1.15 and abs(z.mean()) < 0.15
+    assert np.all(np.isinf(OLSEstimator(60, 4, PLAIN).standard_errors()))  # nothing estimated
+
+
+@pytest.mark.parametrize("noise", [0.3, 1.0])
+def test_predicted_sign_agreement_matches_the_truth_without_seeing_it(noise):
+    # uniform true jumps (like Kaiming-uniform W) with heteroscedastic errors of known size
+    rng = np.random.default_rng(9)
+    truth = rng.uniform(-1, 1, 50000)
+    se = noise * rng.uniform(0.5, 1.5, truth.size)
+    estimate = truth + se * rng.normal(size=truth.size)
+    measured = 100 * np.mean(np.sign(estimate) == np.sign(truth))
+    assert predicted_sign_agreement(estimate, se) == pytest.approx(measured, abs=1.5)
+    # entries never estimated (infinite SE) count as a coin flip
+    half = np.where(np.arange(truth.size) < truth.size // 2, se, np.inf)
+    expected = (
+        predicted_sign_agreement(estimate[: truth.size // 2], se[: truth.size // 2]) + 50
+    ) / 2
+    assert predicted_sign_agreement(estimate, half) == pytest.approx(expected, abs=1.0)
+
+
+def test_stopping_rule_stops_on_a_known_jump_and_not_on_noise():
+    beta = np.random.default_rng(10).choice([-1.0, 1.0], size=(30, 4)) * 0.5
+    for jump, stops in ((beta, True), (np.zeros_like(beta), False)):
+        windows, q, _ = synthetic(30, 4, 40, jump, 0.3, -0.2, noise=0.5, seed=10)
+        estimator = OLSEstimator(30, 4, PLAIN)
+        estimator.add(windows, q, 0, DT)
+        value = predicted_sign_agreement(estimator.beta(), estimator.standard_errors())
+        assert (value >= 80) == stops, value
+        if not stops:
+            assert value < 60  # pure noise: about a coin flip, not the 75 % of mean Phi(|z|)

@@ -30,6 +30,7 @@ def write_log(path: Path, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     expected = {"spikes": {l: ([], []) for l in range(len(SIZES))}, "windows": {}}
     expected["alignment"] = []
+    expected["criterion"] = []
     expected["weights"] = {}
     with SpikeLogWriter(path, SIZES, 1e-3, PARAMS, seed=7) as writer:
         for segment, driven in enumerate([0, 1, 1]):
@@ -56,6 +57,8 @@ def write_log(path: Path, seed: int = 0) -> dict:
                 record = (end, fc, 90.0 - 10 * segment - fc, 50.0 + segment, 1.0 + 0.1 * fc)
                 writer.append_alignment(*record)
                 expected["alignment"].append(record)
+            writer.append_criterion(end, f"fc{driven + 1}", 60.0 + 5 * segment)
+            expected["criterion"].append((end, driven, 60.0 + 5 * segment))
             writer.flush(end)
         for fc in range(3):
             shape = (SIZES[fc + 1], SIZES[fc])
@@ -110,6 +113,10 @@ def test_round_trip(written):
         columns = ["time", "fc", "angle_deg", "sign_agreement", "norm_ratio"]
         for column, values in zip(columns, zip(*expected["alignment"], strict=True), strict=True):
             np.testing.assert_array_equal(alignment[column], values)
+        criterion = log.criterion()
+        columns = ["time", "fc", "predicted_sign_agreement"]
+        for column, values in zip(columns, zip(*expected["criterion"], strict=True), strict=True):
+            np.testing.assert_array_equal(criterion[column], values)
         for fc, matrices in expected["weights"].items():
             read = log.weights(fc)
             assert sorted(read) == sorted(matrices)
@@ -308,11 +315,13 @@ def test_inspect_prints_summary_and_plots(written, tmp_path, capsys):
     assert "format:    spikealign.spikelog version 2" in out
     assert "status:    complete, simulated until 3.000 s" in out
     assert "network:   sizes 6-4-3-2 (L0..L3), dt 1 ms, seed 7" in out
-    assert "schedule:  3 segments" in out and "2.000 -     3.000 s  L1 driven" in out
+    assert "schedule:  unknown, 3 segments (driven: L0 1 s, L1 2 s)" in out
+    assert "2.000 -     3.000 s  L1 driven" in out
+    assert "fc2: 2 s 65.0, 3 s 70.0" in out  # the criterion after each segment
     l0_row = next(line for line in out.splitlines() if line.startswith("  L0 "))
     assert l0_row.split()[:4] == ["L0", "6", "40", "1.0"]  # driven 0-1 s only: 2 x 20 spikes
     assert "fc2: t 1.0 -> 3.0 s, angle 89.0 -> 69.0 deg, sign agreement 50.0 -> 52.0 %" in out
-    for name in ("raster", "rates", "alignment"):
+    for name in ("raster", "rates", "alignment", "criterion"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
@@ -353,3 +362,61 @@ def test_reads_version_1_logs():
         np.testing.assert_array_equal(log.weights("fc1")["W"], want)
         assert sorted(log.weights("fc2")) == ["W"]
         np.testing.assert_allclose(log.rates("L0"), [1.0, 0.0, 0.0, 2.0])
+
+
+def write_version_1_log(path: Path) -> None:
+    """A log laid out exactly as the version 1 writer wrote it (no /criterion table)."""
+    with h5py.File(path, "w") as file:
+        file.attrs.update(
+            {
+                "format": "spikealign.spikelog",
+                "version": np.int64(1),
+                "created": "2026-11-01T00:00:00+00:00",
+                "sizes": np.array([3, 2], np.int64),
+                "layer_names": ["L0", "L1"],
+                "fc_names": ["fc1"],
+                "dt": 1e-3,
+                "params_json": '{"config": {"duration": 2.0, "estimator": "lms"}, "sizes": [3, 2]}',
+                "seed": np.int64(5),
+            }
+        )
+        tables = {
+            "layers/L0": {"spike_times": [0.1, 0.5], "spike_indices": [0, 2]},
+            "layers/L1": {"spike_times": [0.2], "spike_indices": [1]},
+            "windows/L0": {"neuron": [1], "start": [0.3], "end": [0.33], "u_max": [1.05],
+                           "spiked": [1]},
+            "windows/L1": {"neuron": [], "start": [], "end": [], "u_max": [], "spiked": []},
+            "schedule": {"layer": [0], "start": [0.0], "end": [2.0]},
+            "alignment": {"time": [0.0, 2.0], "fc": [0, 0], "angle_deg": [90.0, 70.0],
+                          "sign_agreement": [50.0, 66.0], "norm_ratio": [1.0, 1.0]},
+        }  # fmt: skip
+        dtypes = {"spike_indices": np.int32, "neuron": np.int32, "fc": np.int32,
+                  "layer": np.int32, "u_max": np.float32, "spiked": np.uint8}  # fmt: skip
+        for group, columns in tables.items():
+            for column, values in columns.items():
+                file.create_dataset(
+                    f"{group}/{column}",
+                    data=np.asarray(values, dtypes.get(column, np.float64)),
+                    maxshape=(None,),
+                    chunks=(32768,),
+                )
+        file.create_dataset("weights/fc1/W", data=np.ones((2, 3), np.float32))
+        status = file.create_group("status")
+        status.attrs["simulated_until"] = np.float64(2.0)
+        status.attrs["complete"] = np.int8(1)
+
+
+def test_version_1_logs_still_open(tmp_path, capsys):
+    path = tmp_path / "v1.h5"
+    write_version_1_log(path)
+    with open_log(path) as log:
+        assert log.version == 1 and log.schedule_kind() == "reference"
+        assert all(len(column) == 0 for column in log.criterion().values())
+        np.testing.assert_array_equal(log.schedule()["end"], [2.0])
+        np.testing.assert_array_equal(log.alignment()["sign_agreement"], [50.0, 66.0])
+        assert log.summary()["criterion"] == []
+    inspect_main([str(path), "--plot", str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    assert "version 1" in out and "schedule:  reference, 1 segments (driven: L0 2 s)" in out
+    assert "criterion: none recorded" in out
+    assert (tmp_path / "plots" / "criterion.png").stat().st_size > 5000

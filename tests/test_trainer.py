@@ -280,6 +280,10 @@ def test_user_errors_are_one_line(runs, tmp_path, capsys):
                              str(tmp_path / "x")],
         "applies to rules fa and rdd": [*SMALL_FLAGS, "--rule", "bp", "--feedback-decay", "0.1",
                                         "--out", str(tmp_path / "x")],
+        "needs estimator 'ols'": [*SMALL_FLAGS, "--rule", "rdd", "--schedule", "adaptive",
+                                  "--out", str(tmp_path / "x")],
+        "drive gain must be": [*SMALL_FLAGS, "--rule", "rdd", "--drive-gain", "-1", "--out",
+                               str(tmp_path / "x")],
     }  # fmt: skip
     for needle, argv in cases.items():
         err = run_main(run_cli.main, argv, capsys)
@@ -400,3 +404,13 @@ def test_download_only_mode_is_the_command_the_missing_data_error_prints(tmp_pat
     assert process.returncode == 0, process.stderr
     assert "digits is in" in process.stdout
     assert not any(tmp_path.iterdir())  # no run directory was made
+
+
+def test_phase_config_carries_the_schedule_and_spends_the_whole_budget():
+    config = small_config("rdd", rdd_time=30.0, estimator="ols", schedule="adaptive", target=85.0)
+    config.drive_gain = 0.1
+    phase = config.phase_config(seed=5)
+    assert (phase.duration, phase.schedule, phase.target, phase.drive_gain, phase.seed) == (
+        30.0, "adaptive", 85.0, 0.1, 5,
+    )  # fmt: skip
+    assert phase.estimator == "ols" and not phase.stop_at_target  # the same rdd_time every epoch

@@ -151,6 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the phase for epoch e+1 in the background during epoch e, from the weights at "
         "the start of epoch e (one epoch staler than the paper's schedule)",
     )
+    rdd.add_argument(
+        "--schedule",
+        choices=("reference", "adaptive"),
+        help="phase schedule: a third of --rdd-time per fc layer, or adaptive: each segment to "
+        "the least certain layer below --target (needs --estimator ols)" + _default("schedule"),
+    )
+    rdd.add_argument(
+        "--target",
+        type=float,
+        help="adaptive: predicted sign agreement %% at which a layer stops" + _default("target"),
+    )
+    rdd.add_argument(
+        "--drive-gain",
+        type=float,
+        help="spiking weights W_hat = gain n_in W / std(W)" + _default("drive_gain"),
+    )
 
     run = parser.add_argument_group("execution")
     run.add_argument(

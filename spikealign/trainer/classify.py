@@ -429,17 +429,11 @@ class Training(loop.EpochLoop):
 
     def _make_phase(self):
         # Imported here: Brian2 takes a while to import and only this rule needs it.
-        from spikealign.phase import FeedbackPhase, PhaseConfig
+        from spikealign.phase import FeedbackPhase
 
         fc1, fc2, fc3 = (layer for _, layer in models.fc_layers(self.model))
         sizes = [fc1.in_features, fc1.out_features, fc2.out_features, fc3.out_features]
-        phase_config = PhaseConfig(
-            duration=self.config.rdd_time,
-            estimator=self.config.estimator,
-            update=self.config.update,
-            seed=self.config.seed,
-        )
-        return FeedbackPhase(sizes, config=phase_config, progress=self.progress)
+        return FeedbackPhase(sizes, config=self.config.phase_config(), progress=self.progress)
 
     def _phase_inputs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Copies of the fc weights and feedback, as the phase reads them (float64, CPU)."""

@@ -81,6 +81,11 @@ class TrainConfig:
     rdd_time: float = 90.0  # s of simulated time per phase (a third per fc layer)
     estimator: str = "lms"  # RDD estimator: "lms" (reference) or "ols"
     update: str = "rescale"  # feedback update from beta: "rescale" (reference) or "gradient"
+    # phase schedule: "reference" (a third of rdd_time per fc layer) or "adaptive" (needs ols: the
+    # same rdd_time per phase, each segment to the least certain layer below target)
+    schedule: str = "reference"
+    target: float = 80.0  # adaptive: predicted sign agreement (%) at which a layer stops
+    drive_gain: float = 0.2  # W_hat = drive_gain * n_in * W / std(W) in the phase (METHOD 2)
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     dist_backend: str = "auto"  # under torchrun: "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo"
     seed: int = 0
@@ -208,6 +213,8 @@ class TrainConfig:
             raise UserError(f"rdd_overlap applies to rule rdd only, but the rule is {self.rule}")
         if self.rdd_time <= 0:
             raise UserError(f"rdd_time must be positive, got {self.rdd_time}")
+        if self.rule == "rdd":
+            self.phase_config().validate()
         for name in ("limit_train", "limit_test", "image_size", "wm_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -226,6 +233,22 @@ class TrainConfig:
     def lr_at(self, epoch: int) -> float:
         """Learning rate of ``epoch`` (1-based): lr times lr_gamma per milestone already passed."""
         return self.lr * self.lr_gamma ** sum(m < epoch for m in self.lr_milestones)
+
+    def phase_config(self, seed: int | None = None):
+        """The spiking phase's PhaseConfig (rule rdd). Every phase spends the whole rdd_time:
+        with the adaptive schedule, on the least certain layer once all are at target."""
+        from spikealign.phase import PhaseConfig
+
+        return PhaseConfig(
+            duration=self.rdd_time,
+            estimator=self.estimator,
+            update=self.update,
+            schedule=self.schedule,
+            target=self.target,
+            stop_at_target=False,
+            drive_gain=self.drive_gain,
+            seed=self.seed if seed is None else seed,
+        )
 
     def rule_options(self) -> dict:
         """Keyword options of feedback.convert for this rule (kp follows the SGD settings)."""
