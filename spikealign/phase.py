@@ -455,8 +455,8 @@ class FeedbackPhase:
             if np.all(matrix == matrix.flat[0]):
                 raise UserError(self._no_spread(what, name, matrix))
             if what == "weight":
-                scaled = scaled_weights(matrix, self.config.lif)
-                target = self.config.lif.weight_gain * matrix.shape[1]
+                scaled = scaled_weights(matrix, self.config.drive_gain)
+                target = self.config.drive_gain * matrix.shape[1]
                 if spread == 0 or not np.isclose(scaled.std(), target, rtol=1e-6):
                     raise UserError(
                         f"weight of {name} is too small to rescale (standard deviation "
