@@ -9,10 +9,10 @@ rates.png and alignment.png. The reading and plotting live in :mod:`spikealign.s
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from spikealign.errors import UserError, exit_on_user_error
+from spikealign.errors import OneLineParser, exit_on_user_error
+from spikealign.outputs import check_output_dir
 from spikealign.spikelog import open_log, plot_alignment, plot_raster, plot_rates
 
 PLOTS = {"raster": plot_raster, "rates": plot_rates, "alignment": plot_alignment}
@@ -90,14 +90,11 @@ def format_summary(summary: dict) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m sims.inspect", description=__doc__.splitlines()[0]
-    )
+    parser = OneLineParser(prog="python -m sims.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("log", type=Path, help="spike log (.h5, or .h5.partial of a cut-off run)")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots into DIR")
     args = parser.parse_args(argv)
-    if args.plot is not None and args.plot.exists() and not args.plot.is_dir():
-        raise UserError(f"--plot {args.plot} is a file; give a directory for the PNG plots")
+    check_output_dir(args.plot, "--plot")
     with open_log(args.log) as log:
         print(format_summary(log.summary()))
         if args.plot is not None:

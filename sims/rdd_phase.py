@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from spikealign.errors import UserError, exit_on_user_error
+from spikealign.errors import OneLineParser, UserError, exit_on_user_error
+from spikealign.outputs import check_output_dir, check_output_file
 from spikealign.phase import (
     FeedbackPhase,
     PhaseConfig,
@@ -28,7 +30,7 @@ from spikealign.rdd import ESTIMATORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sims.rdd_phase", description=__doc__)
+    parser = OneLineParser(prog="python -m sims.rdd_phase", description=__doc__)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", type=Path, help=".npz with W1..Wn (and optional Y1..Yn)")
     source.add_argument("--checkpoint", type=Path, help="a checkpoint of python -m training.run")
@@ -59,9 +61,15 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
-def check_writable(path: Path | None, flag: str) -> None:
-    if path is not None and not os.access(path.parent if str(path.parent) else ".", os.W_OK):
-        raise UserError(f"{flag} {path}: directory {path.parent} does not exist or is not writable")
+def json_safe(value):
+    """``value`` with NaN and infinities as None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        return None
+    return value
 
 
 def print_table(before: list[dict], after: list[dict]) -> None:
@@ -77,14 +85,18 @@ def print_table(before: list[dict], after: list[dict]) -> None:
 @exit_on_user_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if not args.duration > 0:
-        raise UserError(f"--duration must be positive, got {args.duration}")
+    # Everything that can be checked is checked before the phase runs, so no result is lost.
+    config = PhaseConfig(
+        duration=args.duration, estimator=args.estimator, update=args.update, seed=args.seed
+    )
+    config.validate()
     for path, flag in (
         (args.log, "--log"),
         (args.summary_json, "--summary-json"),
         (args.out_weights, "--out-weights"),
     ):
-        check_writable(path, flag)
+        check_output_file(path, flag)
+    check_output_dir(args.cache_dir, "--cache-dir")
     if args.weights is not None:
         weights, feedbacks = load_weights_npz(args.weights)
         sizes = sizes_of(weights, str(args.weights))
@@ -93,13 +105,12 @@ def main(argv=None) -> dict:
         sizes = sizes_of(weights, str(args.checkpoint))
     else:
         sizes = parse_sizes(args.sizes)
+        weights = feedbacks = None
+    phase = FeedbackPhase(sizes, config, cache_dir=args.cache_dir, progress=not args.no_progress)
+    if weights is None:  # random weights, once the phase has checked that the sizes fit
         rng = np.random.default_rng(args.seed)
         weights = kaiming_uniform(sizes, rng)
         feedbacks = kaiming_uniform(sizes, rng)
-    config = PhaseConfig(
-        duration=args.duration, estimator=args.estimator, update=args.update, seed=args.seed
-    )
-    phase = FeedbackPhase(sizes, config, cache_dir=args.cache_dir, progress=not args.no_progress)
     start = time.perf_counter()
     result = phase.run(weights, feedbacks, log_path=args.log)
     total_s = time.perf_counter() - start
@@ -123,7 +134,7 @@ def main(argv=None) -> dict:
     }
     if args.summary_json is not None:
         tmp = args.summary_json.with_name(args.summary_json.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
         os.replace(tmp, args.summary_json)
     if args.out_weights is not None:
         save_weights_npz(args.out_weights, weights, result.feedbacks)

@@ -24,6 +24,11 @@ Pre-processing (METHOD.md section 6 and the paper: "inputs were randomly cropped
   (VOC always: its photos have various sizes), then ``Normalize(mean=0.5, std=0.5)``;
 * test images are never augmented.
 
+MNIST and CIFAR-100 (torchvision's MNIST / CIFAR100 classes) and Tiny ImageNet (its archive's
+folder layout, read by :class:`TinyImageNet`; its labelled val split is the test set) serve the
+feedback-alignment theory experiments; MNIST is not flipped or cropped (digits), CIFAR-100 and Tiny
+ImageNet are.
+
 See docs/data.md for the layout each dataset expects and the VOC label convention.
 """
 
@@ -48,6 +53,8 @@ from torchvision.transforms import v2
 from spikealign.errors import UserError
 
 DATASETS = ("fashion-mnist", "svhn", "cifar10", "voc", "digits")
+# The datasets of the feedback-alignment theory experiments (METHOD 9, docs/fa_theory.md).
+DATASETS += ("mnist", "cifar100", "tiny-imagenet")
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -100,6 +107,9 @@ _SPECS = {
         "Pascal VOC 2007", 3, 32, len(VOC_CLASSES), crop_and_flip=True, always_resize=True
     ),
     "digits": _Spec("digits", 1, 28, 10, crop_and_flip=False),
+    "mnist": _Spec("MNIST", 1, 28, 10, crop_and_flip=False),
+    "cifar100": _Spec("CIFAR-100", 3, 32, 100, crop_and_flip=True),
+    "tiny-imagenet": _Spec("Tiny ImageNet", 3, 64, 200, crop_and_flip=True),
 }
 
 # ImageFolder trees (load_image_folder); imagenet is the same reader under ImageNet's name
@@ -164,6 +174,15 @@ def _load_files(name, spec, data_dir, download, image_size, augment):
     elif name == "cifar10":
         train, test = loader.cifar10(train_transform, test_transform)
         class_names = tuple(train.classes)
+    elif name == "mnist":
+        train, test = loader.mnist(train_transform, test_transform)
+        class_names = DIGIT_CLASSES
+    elif name == "cifar100":
+        train, test = loader.cifar100(train_transform, test_transform)
+        class_names = tuple(train.classes)
+    elif name == "tiny-imagenet":
+        train, test = loader.tiny_imagenet(train_transform, test_transform)
+        class_names = train.class_names
     else:
         train, test = loader.voc(train_transform, test_transform)
         class_names = VOC_CLASSES
@@ -325,6 +344,63 @@ class _FileLoader:
             self.check_loaded(split.data, split.targets, (32, 32, 3), folder, split.classes)
         return splits
 
+    def mnist(self, train_transform, test_transform) -> tuple[Dataset, Dataset]:
+        folder = self.path("MNIST")
+        raw = os.path.join(folder, "raw")
+        required = [
+            os.path.join(raw, f"{split}-{kind}-idx{dims}-ubyte")
+            for split in ("train", "t10k")
+            for kind, dims in (("images", 3), ("labels", 1))
+        ]
+
+        def make(download: bool) -> tuple[Dataset, Dataset]:
+            return tuple(
+                datasets.MNIST(self.data_dir, train=is_train, transform=transform,
+                               download=download)
+                for is_train, transform in ((True, train_transform), (False, test_transform))
+            )  # fmt: skip
+
+        splits = self.build(required, folder, make)
+        for split in splits:
+            self.check_loaded(split.data, split.targets, (28, 28), folder)
+        return splits
+
+    def cifar100(self, train_transform, test_transform) -> tuple[Dataset, Dataset]:
+        cls = datasets.CIFAR100
+        folder = self.path(cls.base_folder)
+        names = [entry[0] for entry in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        required = [os.path.join(folder, file_name) for file_name in names]
+
+        def make(download: bool) -> tuple[Dataset, Dataset]:
+            return tuple(
+                cls(self.data_dir, train=is_train, transform=transform, download=download)
+                for is_train, transform in ((True, train_transform), (False, test_transform))
+            )
+
+        splits = self.build(required, folder, make)
+        for split in splits:
+            self.check_loaded(split.data, split.targets, (32, 32, 3), folder, split.classes)
+        return splits
+
+    def tiny_imagenet(self, train_transform, test_transform) -> tuple[Dataset, Dataset]:
+        root = self.path(TinyImageNet.base_folder)
+        required = [
+            os.path.join(root, "wnids.txt"),
+            os.path.join(root, "train"),
+            os.path.join(root, "val", "images"),
+            os.path.join(root, "val", "val_annotations.txt"),
+        ]
+
+        def make(download: bool) -> tuple[Dataset, Dataset]:
+            if download:
+                TinyImageNet.download(self.data_dir)
+            return tuple(
+                TinyImageNet(root, split, transform)
+                for split, transform in (("train", train_transform), ("val", test_transform))
+            )
+
+        return self.build(required, root, make)
+
     def voc(self, train_transform, test_transform) -> tuple[Dataset, Dataset]:
         voc_root = self.path("VOCdevkit", "VOC2007")
         splits = []
@@ -373,6 +449,86 @@ class VOCClassification(Dataset):
         except (OSError, UnidentifiedImageError) as err:
             raise UserError(f"cannot decode VOC image {path} ({_first_line(err)})") from err
         return self.transform(image), self.targets[index].clone()
+
+
+class TinyImageNet(Dataset):
+    """Tiny ImageNet (Le & Yang 2015) in the layout its archive unpacks to.
+
+    ``root`` = ``tiny-imagenet-200/`` with ``wnids.txt`` (200 class ids), ``words.txt`` (optional:
+    id -> names), ``train/<wnid>/images/*.JPEG`` (500 per class) and ``val/images/*.JPEG`` labelled
+    by ``val/val_annotations.txt`` (file, wnid, box; 10,000 images). The labelled val split serves
+    as the test set (the test split has no labels). Classes are the wnids in sorted order, as
+    torchvision's ImageFolder would number them. Images are 64 x 64 RGB JPEGs, decoded on access.
+    Raises ValueError / FileNotFoundError on files that do not match the layout.
+    """
+
+    base_folder = "tiny-imagenet-200"
+    url = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+    md5 = "90528d7ca1a48142e341f4ef8d21d0de"
+    num_classes = 200
+
+    def __init__(self, root: str, split: str, transform: Callable):
+        self.root, self.split, self.transform = root, split, transform
+        with open(os.path.join(root, "wnids.txt")) as file:
+            self.wnids = tuple(sorted(line.strip() for line in file if line.strip()))
+        if len(self.wnids) != self.num_classes or len(set(self.wnids)) != self.num_classes:
+            raise ValueError(f"wnids.txt lists {len(set(self.wnids))} classes, expected 200")
+        self.class_names = self._names()
+        index = {wnid: i for i, wnid in enumerate(self.wnids)}
+        if split == "train":
+            self.samples = []
+            for wnid in self.wnids:
+                folder = os.path.join(root, "train", wnid, "images")
+                files = sorted(f for f in os.listdir(folder) if f.lower().endswith(".jpeg"))
+                if not files:
+                    raise FileNotFoundError(f"no JPEG images in {folder}")
+                self.samples += [(os.path.join(folder, f), index[wnid]) for f in files]
+        else:
+            folder = os.path.join(root, "val", "images")
+            self.samples = []
+            with open(os.path.join(root, "val", "val_annotations.txt")) as file:
+                for number, line in enumerate(file, 1):
+                    fields = line.split("\t")
+                    if not line.strip():
+                        continue
+                    if len(fields) < 2 or fields[1].strip() not in index:
+                        raise ValueError(f"val_annotations.txt line {number} has no known wnid")
+                    path = os.path.join(folder, fields[0].strip())
+                    if not os.path.isfile(path):
+                        raise FileNotFoundError(f"image {path} listed in val_annotations.txt")
+                    self.samples.append((path, index[fields[1].strip()]))
+        self.targets = [label for _, label in self.samples]
+
+    def _names(self) -> tuple[str, ...]:
+        """First name of each class from words.txt, or the wnid where it is absent."""
+        words: dict[str, str] = {}
+        path = os.path.join(self.root, "words.txt")
+        if os.path.isfile(path):
+            with open(path) as file:
+                for line in file:
+                    wnid, _, names = line.rstrip("\n").partition("\t")
+                    words[wnid] = names.split(",")[0].strip()
+        return tuple(words.get(wnid) or wnid for wnid in self.wnids)
+
+    @classmethod
+    def download(cls, data_dir: str) -> None:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(cls.url, data_dir, md5=cls.md5)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as jpeg:
+                image = jpeg.convert("RGB")
+        except (OSError, UnidentifiedImageError) as err:
+            raise UserError(
+                f"cannot decode Tiny ImageNet image {path} ({_first_line(err)})"
+            ) from err
+        return self.transform(image), label
 
 
 def _voc_labels(annotation_paths: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

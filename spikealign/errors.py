@@ -2,11 +2,14 @@
 
 Library code raises :class:`UserError` with a one-line message that names the problem and the fix.
 Entry points wrap ``main`` in :func:`exit_on_user_error`, so users see ``error: <message>`` and exit
-status 2 instead of a traceback. Programming errors still raise normally.
+status 2 instead of a traceback, and parse their arguments with :class:`OneLineParser`, whose
+usage errors look the same. :func:`warn` prints the one-line ``warning: <message>`` of a run that
+goes on. Programming errors still raise normally.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -37,3 +40,16 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             raise SystemExit(130) from None
 
     return wrapper
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like the library's UserError."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message}; see {self.prog} --help\n")
+        raise SystemExit(2)
+
+
+def warn(message: str) -> None:
+    """One line ``warning: <message>`` on stderr: the run goes on, but the user should know."""
+    sys.stderr.write(f"warning: {' '.join(message.split())}\n")

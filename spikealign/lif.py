@@ -51,8 +51,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -265,7 +268,8 @@ class LIFProgram:
         )
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         shape = "-".join(map(str, self.sizes))
-        self.directory = Path(cache_dir or default_cache_dir()) / f"lif_{shape}_{digest}"
+        cache = Path(cache_dir or default_cache_dir()).absolute()  # the binary runs in its dir
+        self.directory = cache / f"lif_{shape}_{digest}"
         start = time.perf_counter()
         if not (self.directory / MANIFEST).is_file():
             self._build()
@@ -275,14 +279,21 @@ class LIFProgram:
 
     # -- construction -------------------------------------------------------------------------
     def _build(self) -> None:
-        """Generate and compile the program in a staging directory, then move it into place."""
+        """Generate and compile the program in a staging directory, then move it into place.
+
+        The build runs in a worker process that leads its own process group, so the compiler
+        processes it starts (make, g++) can be killed with it: on an exception here (Ctrl-C
+        included), and by the worker itself when this process dies (it watches its parent).
+        """
         self.directory.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_staging(self.directory)
         staging = Path(
-            tempfile.mkdtemp(prefix=self.directory.name + ".", dir=self.directory.parent)
+            tempfile.mkdtemp(
+                prefix=f"{self.directory.name}.{os.getpid()}.", dir=self.directory.parent
+            )
         )
         try:
-            manifest = self._generate(staging)
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _run_build_worker(self, staging)
             if self.directory.exists():  # an unfinished or outdated build without manifest
                 if (self.directory / MANIFEST).is_file():
                     return  # another process finished the same build first
@@ -560,6 +571,76 @@ class RunningSegment:
             layer_state["lastspike"] = layer_state["lastspike"] + t_offset
             new_state.append(layer_state)
         return record, new_state
+
+
+def _remove_dead_staging(directory: Path) -> None:
+    """Delete staging directories ``<name>.<pid>.*`` of builds whose process is gone."""
+    from spikealign.outputs import process_alive
+
+    for staging in directory.parent.glob(f"{directory.name}.*.*"):
+        pid = staging.name[len(directory.name) + 1 :].split(".")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run_build_worker(program: LIFProgram, staging: Path) -> None:
+    """Build ``program`` into ``staging`` (writing its manifest) in a worker process group."""
+    request = {
+        "sizes": program.sizes,
+        "segment_duration": program.segment_duration,
+        "params": asdict(program.params),
+        "threads": program.threads,
+        "directory": str(staging),
+        "parent": os.getpid(),
+    }
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    code = "import sys, json; from spikealign.lif import _build_worker; _build_worker(sys.argv[1])"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(request)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,  # its own process group: make and g++ go with it
+    )
+    try:
+        _, stderr = worker.communicate()
+    except BaseException:
+        _kill_group(worker.pid)
+        worker.wait()
+        raise
+    if worker.returncode != 0:
+        lines = stderr.decode(errors="replace").strip().splitlines() or [""]
+        raise RuntimeError(
+            f"building the LIF program failed (exit {worker.returncode}): {lines[-1]}"
+        )
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _build_worker(request_json: str) -> None:
+    """Body of the build worker process: build, write the manifest, die with the parent."""
+    request = json.loads(request_json)
+    parent = request["parent"]
+
+    def watch_parent():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        _kill_group(os.getpgid(0))  # the parent died: stop make and the compilers too
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    program = LIFProgram.__new__(LIFProgram)
+    program.sizes = request["sizes"]
+    program.segment_duration = request["segment_duration"]
+    program.params = LIFParams(**request["params"])
+    program.threads = request["threads"]
+    directory = Path(request["directory"])
+    manifest = program._generate(directory)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def _threads(threads: int | None) -> int:

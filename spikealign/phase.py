@@ -42,6 +42,13 @@ UPDATES = ("rescale", "gradient")
 #: Spikes of the layer above are filtered from this long before a segment (kappa has decayed).
 _HISTORY_S = 0.2
 
+#: Memory per synapse of a phase, roughly: W, Y (three copies), the scaled W and the program's
+#: copy (float64 each), the synapse order (2 x int64), the estimator state (about 6 float64), the
+#: compiled program's synapse (w and two indices) and beta.
+_BYTES_PER_SYNAPSE = 8 * 6 + 16 + 48 + 16 + 8
+#: Memory per segment of the schedule: plan entry, alignment record, log row.
+_BYTES_PER_SEGMENT = 1000
+
 
 @dataclass
 class PhaseConfig:
@@ -76,6 +83,36 @@ class PhaseConfig:
             raise UserError(
                 f"unknown feedback update {self.update!r}; choose one of {', '.join(UPDATES)}"
             )
+
+
+def memory_estimate(sizes: list[int], config: PhaseConfig) -> int:
+    """Bytes a phase of this shape and length needs, roughly (dense synapses dominate)."""
+    synapses = sum(sizes[l - 1] * sizes[l] for l in range(1, len(sizes)))
+    needed = synapses * _BYTES_PER_SYNAPSE
+    if config.estimator == "ols" and config.rdd.ols_adjust:  # n_in x n_in covariate sums
+        needed += sum(5 * 8 * sizes[l - 1] ** 2 for l in range(1, len(sizes)))
+    segments = (len(sizes) - 1) * math.ceil(
+        config.duration / (len(sizes) - 1) / config.update_interval
+    )
+    return needed + segments * _BYTES_PER_SEGMENT
+
+
+def _total_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(sizes: list[int], config: PhaseConfig) -> None:
+    """UserError if the phase cannot fit in this machine's memory, saying how much it needs."""
+    needed, total = memory_estimate(sizes, config), _total_memory()
+    if total is not None and needed > total:
+        raise UserError(
+            f"a phase with layer sizes {sizes} and duration {config.duration:g} s needs about "
+            f"{needed / 2**30:,.1f} GiB of memory, more than this machine's "
+            f"{total / 2**30:,.1f} GiB; use smaller layers or a shorter duration"
+        )
 
 
 @dataclass
@@ -115,6 +152,7 @@ class FeedbackPhase:
         self.sizes = sizes
         self.config = config or PhaseConfig()
         self.config.validate()
+        check_memory(sizes, self.config)
         self.cache_dir = cache_dir
         self.progress = progress
         self.fc_names = [f"fc{index}" for index in range(1, len(sizes))]
@@ -172,25 +210,26 @@ class FeedbackPhase:
         initial_feedbacks = [f.copy() for f in feedbacks]
 
         plan = self.schedule()
-        build_start = time.perf_counter()
-        program = self.program()
-        build_s = time.perf_counter() - build_start
-
         p = self.config.lif
         scaled = [scaled_weights(w, p) for w in weights]
-        state = program.initial_state()
         history: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         records: list[dict] = []
         window_counts = [0] * len(self.fc_names)
         for fc, feedback in enumerate(feedbacks):
             records.append(self._alignment_record(0.0, fc, weights[fc], feedback))
 
+        # The log first: it takes the log's lock, so a second writer stops before any work.
         writer = self._open_log(log_path, weights, initial_feedbacks, plan, records)
-        bar = self._progress_bar(plan[-1][2])
-        wall_start = time.perf_counter()
-        seed = self.config.seed
-        pending = program.start_segment(scaled, state, plan[0][0], seed, plan[0][1])
+        bar = pending = None
         try:
+            build_start = time.perf_counter()
+            program = self.program()
+            build_s = time.perf_counter() - build_start
+            state = program.initial_state()
+            bar = self._progress_bar(plan[-1][2])
+            wall_start = time.perf_counter()
+            seed = self.config.seed
+            pending = program.start_segment(scaled, state, plan[0][0], seed, plan[0][1])
             for index, (driven, start, end) in enumerate(plan):
                 record, state = pending.result()
                 pending = None
@@ -298,9 +337,14 @@ class FeedbackPhase:
             )
         checked = []
         for index, matrix in enumerate(matrices):
-            matrix = np.asarray(matrix, dtype=np.float64)
+            matrix = np.asarray(matrix)
             expected = (self.sizes[index + 1], self.sizes[index])
             name = self.fc_names[index]
+            if matrix.dtype.kind not in "biuf":
+                raise UserError(
+                    f"{what} of {name} must hold real numbers, got dtype {matrix.dtype}"
+                )
+            matrix = matrix.astype(np.float64)
             if matrix.shape != expected:
                 raise UserError(
                     f"{what} of {name} has shape {matrix.shape}, expected {expected} "
@@ -308,8 +352,41 @@ class FeedbackPhase:
                 )
             if not np.isfinite(matrix).all():
                 raise UserError(f"{what} of {name} contains NaN or infinite values")
+            with np.errstate(all="ignore"):
+                spread = matrix.std()
+            if not np.isfinite(spread):
+                raise UserError(
+                    f"{what} of {name} is too large to rescale (its standard deviation "
+                    "overflows float64); divide it by a common factor"
+                )
+            if np.all(matrix == matrix.flat[0]):
+                raise UserError(self._no_spread(what, name, matrix))
+            if what == "weight":
+                scaled = scaled_weights(matrix, self.config.lif)
+                target = self.config.lif.weight_gain * matrix.shape[1]
+                if spread == 0 or not np.isclose(scaled.std(), target, rtol=1e-6):
+                    raise UserError(
+                        f"weight of {name} is too small to rescale (standard deviation "
+                        f"{spread:.3g}, below float64's precision); multiply it by a common factor"
+                    )
             checked.append(matrix)
         return checked
+
+    @staticmethod
+    def _no_spread(what: str, name: str, matrix: np.ndarray) -> str:
+        """Why a matrix whose entries are all equal cannot be used."""
+        value = "all zero" if not matrix.any() else f"constant ({matrix.flat[0]:g} everywhere)"
+        if what == "weight":
+            return (
+                f"weight of {name} is {value}: the spiking network scales W by 1/std(W), so the "
+                "layer above gets no input and no causal effect can be estimated; use trained or "
+                "random forward weights"
+            )
+        return (
+            f"feedback of {name} is {value}: the update rescales beta to the feedback's initial "
+            "standard deviation (0), so the feedback could never change; start from random "
+            "feedback (leave Y out)"
+        )
 
     def _open_log(self, log_path, weights, feedbacks, plan, records):
         if log_path is None:

@@ -1,24 +1,34 @@
-"""HDF5 spike log of the spiking feedback-training phase (schema version 1).
+"""HDF5 spike log of the spiking feedback-training phase (schema version 2).
 
 One file holds one phase: the spikes of every LIF layer, the RDD window events of the noise-driven
 layers, the drive schedule, the alignment between forward weights W and feedback Y as the run goes,
 and at the end W, Y before/after and the causal-effect estimates beta of every fully connected
 weight matrix. The layout is documented as a table in docs/spikelog.md.
 
-Writing (:class:`SpikeLogWriter`) is crash-safe in two steps:
+Writing (:class:`SpikeLogWriter`) is crash-safe: after the writing process dies at any moment
+(``kill -9`` included), the reader returns exactly the data of the last commit, or says the log is
+damaged; never other data.
 
-- Appends are buffered in memory and reach the file only in :meth:`SpikeLogWriter.flush`, which
-  appends them to resizable, chunked, gzip-compressed datasets (cost O(new data)), records
-  ``/status`` ``simulated_until`` and calls HDF5's flush. Between two flushes the file is not
-  touched, so a process that dies there leaves a file that is exactly the state of the last flush.
-- The writer writes ``X.h5.partial`` and renames it to ``X.h5`` (os.replace) only when
-  :meth:`SpikeLogWriter.close` has marked it ``complete``. A finished log is therefore complete; a
-  crashed run leaves ``X.h5.partial``, which opens and says where it ends.
+- One writer per log: the writer holds ``X.h5.lock`` (``fcntl.flock``, released by the kernel when
+  the process ends); a second writer of the same log stops at once with a UserError.
+- Appends are buffered in memory and reach the file only in :meth:`SpikeLogWriter.flush`. The file
+  is written in HDF5's SWMR mode (single writer, multiple readers), whose write order keeps the
+  file's structure consistent at every moment. Every dataset exists from the start; a flush
+  appends each column's new entries starting at the next chunk boundary, so a chunk holding
+  committed data is never written again, then flushes HDF5 and fsyncs, and only then appends one
+  row to ``/status/commits`` (a chunk of its own) that records ``simulated_until`` and where each
+  column's committed entries end. Whatever a killed flush wrote past the last commit is ignored.
+- Every chunk carries a fletcher32 checksum, so a torn write is found on reading.
+- The writer writes ``X.h5.partial`` and renames it to ``X.h5`` (os.replace) only after the commit
+  that marks it ``complete``.
 
 Reading (:class:`SpikeLog`, :func:`open_log`) checks the file first and turns every problem
-(missing, not HDF5, truncated, foreign, newer version) into a one-line
-:class:`~spikealign.errors.UserError`. The reader opens without HDF5 file locking, so a running
-phase's ``.partial`` log can be inspected between its flushes.
+(missing, not HDF5, truncated, foreign, newer version, damaged) into a one-line
+:class:`~spikealign.errors.UserError`. Before reading a column it checks the committed size against
+what the attributes allow (memory stays bounded); after reading, the ranges of indices and the
+times against the flush that committed them. A running phase's ``.partial`` log is read as an SWMR
+reader: it shows the state of the last commit. Version 1 logs (no commit table, written in place)
+are still read, with the same checks.
 
 Firing rates: rate_i = (spikes of neuron i) / T_l, where T_l is the time layer l was simulated: the
 total length of the schedule segments in which l was the driven layer or above it (a layer below
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,16 +52,26 @@ import h5py
 import numpy as np
 
 from spikealign.errors import UserError
+from spikealign.outputs import (
+    OutputLock,
+    check_output_file,
+    lock_holder,
+    remove_stale_temporaries,
+)
 
 FORMAT = "spikealign.spikelog"
-VERSION = 1
+VERSION = 2  # 2: SWMR, chunk-aligned flushes, /status/commits; 1 is still read
 PARTIAL_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
+COMMITS = "status/commits"
 WRITTEN_BY = "python -m sims.rdd_phase --log"
 
 # 32768 elements = 256 KiB of float64 per chunk: ~30 chunks for 1e6 spikes, within HDF5's
 # recommended 10 KiB - 1 MiB chunk size, and a small compressed chunk for near-empty datasets.
 CHUNK_ELEMENTS = 32768
-_COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+#: Chunk of the small tables (schedule, alignment): a flush adds a few rows, and starts a new chunk.
+TABLE_CHUNK_ELEMENTS = 256
+_COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "fletcher32": True}
 
 # Column datasets of the appendable tables: group -> {column: stored dtype}.
 SPIKE_COLUMNS = {"spike_times": np.float64, "spike_indices": np.int32}
@@ -118,15 +139,40 @@ def _params_json(params: dict) -> str:
         ) from None
 
 
+def _time_column(column_path: str) -> bool:
+    """Columns holding the simulated time of each entry; a flush must cover those times."""
+    table, _, column = column_path.rpartition("/")
+    if column == "spike_times" or (table.startswith("windows/") and column == "end"):
+        return True
+    return column_path in ("schedule/end", "alignment/time")
+
+
+def _numeric(values, what: str) -> np.ndarray:
+    """A float32 copy of a real-valued array; UserError for text, complex or non-finite values."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "biuf":
+        raise UserError(f"{what} must hold real numbers, got dtype {array.dtype}")
+    with np.errstate(over="ignore"):
+        array = array.astype(np.float32)
+    if not np.all(np.isfinite(array)):
+        raise UserError(f"{what} holds NaN or infinite values (or values beyond float32)")
+    return array
+
+
 class SpikeLogWriter:
     """Write one phase's spike log; use as a context manager.
 
-    ``SpikeLogWriter(path, sizes, dt, params, seed)`` creates ``path + ".partial"`` with the full
-    (empty) layout. The ``append_*`` methods and :meth:`write_weights` queue data in memory;
-    :meth:`flush` writes the queue and the simulated time it covers; :meth:`close` flushes, marks
-    the log complete and renames it to ``path``. Leaving the ``with`` block on an exception closes
-    the file without writing the queue, so the ``.partial`` file holds the last flushed state.
-    Layers and fc matrices are given by index or name ("L0", "fc1").
+    ``SpikeLogWriter(path, sizes, dt, params, seed)`` takes the output lock ``path + ".lock"``
+    (one writer per log: a second one gets a UserError at once) and creates
+    ``path + ".partial"`` with the full (empty) layout. The ``append_*`` methods and
+    :meth:`write_weights` queue data in memory; :meth:`flush` writes the queue and commits the
+    simulated time it covers; :meth:`close` commits the log as complete and renames it to
+    ``path``. Leaving the ``with`` block on an exception closes the file without writing the
+    queue, so the ``.partial`` file holds the last committed state. Layers and fc matrices are
+    given by index or name ("L0", "fc1").
+
+    Every entry of a time column (spike times, window ends, segment ends, alignment times) must
+    lie in the interval the flush covers, from the previous ``simulated_until`` to the new one.
     """
 
     def __init__(
@@ -136,22 +182,40 @@ class SpikeLogWriter:
         self.partial_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         if len(sizes) < 2 or any(int(size) != size or size < 1 for size in sizes):
             raise UserError(f"spike log sizes must be >= 2 positive integers, got {list(sizes)}")
-        if not dt > 0:
+        if not (math.isfinite(dt) and dt > 0):
             raise UserError(f"spike log dt must be a positive time step in seconds, got {dt}")
         self.sizes = tuple(int(size) for size in sizes)
+        self.dt = float(dt)
         self.layer_names = layer_names(self.sizes)
         self.fc_names = fc_names(self.sizes)
         self.simulated_until = 0.0
         self._pending: dict[str, list[np.ndarray]] = {}  # dataset path -> queued parts
         self._pending_weights: dict[tuple[str, str], np.ndarray] = {}  # ("fc1", "W") -> matrix
         params_text = _params_json(params)
-        self.partial_path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: h5py.File | None = h5py.File(self.partial_path, "w")
+        check_output_file(self.path, "spike log")
+        self._lock = OutputLock(lock_path(self.path), self.path, "log path")
+        self._file: h5py.File | None = None
+        # Created under a temporary name and renamed once it holds its first commit: a
+        # .partial file always has one. A killed creation leaves the temporary file, which the
+        # next writer in the directory deletes.
+        creating = self.path.with_name(f".{self.partial_path.name}.{os.getpid()}.tmp")
         try:
-            self._create_layout(float(dt), params_text, int(seed))
+            self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.partial_path.parent)
+            # libver "latest" for SWMR; HDF5 file locking off: our own lock says who writes
+            self._file = h5py.File(creating, "w", libver="latest", locking=False)
+            self._create_layout(self.dt, params_text, int(seed))
+            self._commit(complete=False)
+            self._file.swmr_mode = True  # from here on the file is consistent at every write
             self._file.flush()
+            _fsync(creating)
+            os.replace(creating, self.partial_path)  # HDF5 keeps writing through its descriptor
         except BaseException:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            creating.unlink(missing_ok=True)
+            self._lock.release()
             raise
 
     def _create_layout(self, dt: float, params_text: str, seed: int) -> None:
@@ -172,22 +236,46 @@ class SpikeLogWriter:
         tables = [(f"layers/{name}", SPIKE_COLUMNS) for name in self.layer_names]
         tables += [(f"windows/{name}", WINDOW_COLUMNS) for name in self.layer_names]
         tables += [("schedule", SCHEDULE_COLUMNS), ("alignment", ALIGNMENT_COLUMNS)]
+        # Every dataset exists from the start: SWMR writing can append, not create.
+        self._columns: list[str] = []
         for group_path, columns in tables:
             group = file.require_group(group_path)
+            per_neuron = group_path.startswith(("layers/", "windows/"))
+            chunk = CHUNK_ELEMENTS if per_neuron else TABLE_CHUNK_ELEMENTS
             for column, dtype in columns.items():
                 group.create_dataset(
                     column,
                     shape=(0,),
                     maxshape=(None,),
                     dtype=dtype,
-                    chunks=(CHUNK_ELEMENTS,),
+                    chunks=(chunk,),
                     **_COMPRESSION,
                 )
-        file.create_group("weights")
-        status = file.create_group("status")
-        status.attrs["simulated_until"] = np.float64(0.0)
-        status.attrs["complete"] = np.int8(0)
+                self._columns.append(f"{group_path}/{column}")
+        self._weight_keys = [f"{fc}/{name}" for fc in self.fc_names for name in WEIGHT_NAMES]
+        for fc, name in enumerate(self.fc_names):
+            group = file.create_group(f"weights/{name}")
+            shape = (self.sizes[fc + 1], self.sizes[fc])
+            for key in WEIGHT_NAMES:
+                group.create_dataset(
+                    key, shape=shape, dtype=np.float32, chunks=True, **_COMPRESSION
+                )
+        n_columns, n_weights = len(self._columns), len(self._weight_keys)
+        commits = file.create_dataset(
+            COMMITS,
+            shape=(0,),
+            maxshape=(None,),
+            dtype=commit_dtype(n_columns, n_weights),
+            chunks=(1,),  # one chunk per commit: a commit never rewrites an earlier one
+            fletcher32=True,
+        )
+        commits.attrs["columns"] = self._columns
+        commits.attrs["weights"] = self._weight_keys
+        self._ends = np.zeros(n_columns, np.int64)  # committed length of every column
+        self._starts = np.zeros(n_columns, np.int64)
+        self._weights_written = np.zeros(n_weights, np.uint8)
 
+    # -- queueing -------------------------------------------------------------------------------
     # -- queueing -------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -207,8 +295,11 @@ class SpikeLogWriter:
         if np.issubdtype(dtype, np.integer) and len(array):
             if array.dtype.kind not in "biu":  # bool, signed or unsigned integers
                 raise UserError(f"{what} must hold integers, got dtype {array.dtype}")
-        elif np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(array)):
-            raise UserError(f"{what} holds NaN or infinite values")
+        elif np.issubdtype(dtype, np.floating) and len(array):
+            if array.dtype.kind not in "biuf":
+                raise UserError(f"{what} must hold real numbers, got dtype {array.dtype}")
+            if not np.all(np.isfinite(array)):
+                raise UserError(f"{what} holds NaN or infinite values")
         return array.astype(dtype)  # a copy: the caller may reuse its buffer before flush()
 
     def _neurons(self, values, layer: int, what: str, length: int | None = None) -> np.ndarray:
@@ -282,7 +373,9 @@ class SpikeLogWriter:
     def write_weights(
         self, fc_name: int | str, W=None, Y_before=None, Y_after=None, beta=None
     ) -> None:
-        """Queue the given matrices of one fc (out x in, stored float32); a repeat replaces."""
+        """Queue the given matrices of one fc (out x in, stored float32).
+
+        A repeat before the next flush replaces the queued matrix; a flushed matrix is final."""
         self._check_open()
         fc = _resolve(fc_name, self.fc_names, "fc matrix", "write_weights")
         shape = (self.sizes[fc + 1], self.sizes[fc])
@@ -290,7 +383,12 @@ class SpikeLogWriter:
         for name, matrix in given.items():
             if matrix is None:
                 continue
-            matrix = np.array(matrix, dtype=np.float32)  # a copy, written at the next flush()
+            if self._weights_written[self._weight_keys.index(f"{self.fc_names[fc]}/{name}")]:
+                raise UserError(
+                    f"write_weights {self.fc_names[fc]} {name} is already in the log; each "
+                    "matrix is written once"
+                )
+            matrix = _numeric(matrix, f"write_weights {self.fc_names[fc]} {name}")
             if matrix.shape != shape:
                 raise UserError(
                     f"write_weights {self.fc_names[fc]} {name} has shape {matrix.shape}, "
@@ -300,51 +398,99 @@ class SpikeLogWriter:
 
     # -- writing --------------------------------------------------------------------------------
 
+    def _check_times(self, simulated_until: float) -> None:
+        """Queued times must lie in (roughly) [last simulated_until, simulated_until]."""
+        low, high = self.simulated_until - self.dt, simulated_until + self.dt
+        for column_path, parts in self._pending.items():
+            if not _time_column(column_path):
+                continue
+            for values in parts:
+                if len(values) and (values.min() < low or values.max() > high):
+                    raise UserError(
+                        f"/{column_path} holds times from {values.min():g} to {values.max():g} s "
+                        f"but this flush covers {self.simulated_until:g} to {simulated_until:g} s; "
+                        "flush(t) commits everything up to t, so append each entry before the "
+                        "flush that covers its time"
+                    )
+
     def flush(self, simulated_until: float) -> None:
-        """Write everything queued, record that the log covers time 0..simulated_until (s)."""
+        """Write everything queued, then commit that the log covers time 0..simulated_until (s)."""
+        self._write(simulated_until, complete=False)
+
+    def _write(self, simulated_until: float, complete: bool) -> None:
         self._check_open()
         simulated_until = float(simulated_until)
-        if not simulated_until >= self.simulated_until:
+        if not (math.isfinite(simulated_until) and simulated_until >= self.simulated_until):
             raise UserError(
                 f"flush simulated_until={simulated_until} s goes back before the last flushed "
                 f"{self.simulated_until} s"
             )
+        self._check_times(simulated_until)
         file = self._file
-        for dataset_path, parts in self._pending.items():
-            new = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            dataset = file[dataset_path]
-            old_length = dataset.shape[0]
-            dataset.resize((old_length + len(new),))
-            dataset[old_length:] = new
-        self._pending.clear()
+        starts, ends = self._ends.copy(), self._ends.copy()
+        for index, column_path in enumerate(self._columns):
+            parts = self._pending.get(column_path)
+            new = None if not parts else parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if new is None or len(new) == 0:
+                continue
+            dataset = file[column_path]
+            chunk = dataset.chunks[0]
+            # Start at the next chunk boundary: the chunk holding committed data is never
+            # written again, so a crash during this write cannot touch it.
+            start = -(-int(self._ends[index]) // chunk) * chunk
+            dataset.resize((start + len(new),))
+            dataset[start:] = new
+            starts[index], ends[index] = start, start + len(new)
+        written = self._weights_written.copy()
         for (fc_name, name), matrix in self._pending_weights.items():
-            group = file.require_group(f"weights/{fc_name}")
-            if name in group:
-                del group[name]
-            group.create_dataset(name, data=matrix, **_COMPRESSION)
-        self._pending_weights.clear()
-        file["status"].attrs.modify("simulated_until", np.float64(simulated_until))
+            file[f"weights/{fc_name}/{name}"][...] = matrix
+            written[self._weight_keys.index(f"{fc_name}/{name}")] = 1
+        # Data first, on disk; only then the commit that points to it.
         file.flush()
         _fsync(self.partial_path)
+        self._starts, self._ends, self._weights_written = starts, ends, written
         self.simulated_until = simulated_until
+        self._pending.clear()
+        self._pending_weights.clear()
+        self._commit(complete)
+        file.flush()
+        _fsync(self.partial_path)
+
+    def _commit(self, complete: bool) -> None:
+        """Append one commit row (a chunk of its own, written once)."""
+        commits = self._file[COMMITS]
+        row = np.zeros((), commits.dtype)
+        row["simulated_until"] = self.simulated_until
+        row["complete"] = int(complete)
+        row["start"], row["end"] = self._starts, self._ends
+        row["weights"] = self._weights_written
+        commits.resize((commits.shape[0] + 1,))
+        commits[-1] = row
 
     def close(self, simulated_until: float | None = None) -> Path:
-        """Flush, mark the log complete and rename it to ``path``; returns ``path``."""
+        """Flush, commit the log as complete and rename it to ``path``; returns ``path``."""
         if self._file is None:
             return self.path
-        self.flush(self.simulated_until if simulated_until is None else simulated_until)
-        self._file["status"].attrs.modify("complete", np.int8(1))
-        self._file.close()
-        self._file = None
-        _fsync(self.partial_path)
-        os.replace(self.partial_path, self.path)
+        try:
+            self._write(
+                self.simulated_until if simulated_until is None else simulated_until,
+                complete=True,
+            )
+            self._file.close()
+            self._file = None
+            _fsync(self.partial_path)
+            os.replace(self.partial_path, self.path)
+            _fsync(self.path.parent)
+        finally:
+            self.abandon()
         return self.path
 
     def abandon(self) -> None:
-        """Close without writing the queue; the ``.partial`` file keeps the last flushed state."""
+        """Close without writing the queue; the ``.partial`` file keeps the last committed state."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._lock.release()
 
     def __enter__(self) -> SpikeLogWriter:
         return self
@@ -354,6 +500,26 @@ class SpikeLogWriter:
             self.close()
         else:
             self.abandon()
+
+
+def commit_dtype(n_columns: int, n_weights: int) -> np.dtype:
+    """A row of ``/status/commits``: what one flush committed (see docs/spikelog.md)."""
+    return np.dtype(
+        [
+            ("simulated_until", np.float64),
+            ("complete", np.uint8),
+            ("start", np.int64, (n_columns,)),
+            ("end", np.int64, (n_columns,)),
+            ("weights", np.uint8, (n_weights,)),
+        ]
+    )
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a log (given by its final or its ``.partial`` name)."""
+    path = Path(path)
+    name = path.name.removesuffix(PARTIAL_SUFFIX)
+    return path.with_name(name + LOCK_SUFFIX)
 
 
 def _fsync(path: Path) -> None:
@@ -366,6 +532,9 @@ def _fsync(path: Path) -> None:
 
 
 # -- reading ------------------------------------------------------------------------------------
+
+#: deflate cannot compress more than about 1032:1; no honest dataset is larger than this x file.
+_MAX_COMPRESSION = 1100
 
 
 def _open_file(path: Path) -> h5py.File:
@@ -384,10 +553,21 @@ def _open_file(path: Path) -> h5py.File:
     if not h5py.is_hdf5(path):
         raise UserError(f"{path} is not an HDF5 file; {hint}")
     try:
-        # No locking: the writer only touches the file inside flush(), so a running phase's
-        # .partial log is consistent between flushes and can be read.
-        file = h5py.File(path, "r", locking=False)
+        # No HDF5 locking: a log being written is opened as an SWMR reader (version 2), which
+        # sees the state of some moment of the writer, always consistent.
+        try:
+            file = h5py.File(path, "r", locking=False)
+        except OSError as err:
+            if "already open for write" not in str(err):
+                raise
+            file = h5py.File(path, "r", swmr=True, locking=False)
     except OSError as err:
+        holder = lock_holder(lock_path(path))
+        if holder is not None:
+            raise UserError(
+                f"{path} is being written (process {holder}) and cannot be read at this moment; "
+                "try again in a second"
+            ) from None
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"{path} is truncated or corrupt (HDF5: {reason}); {hint}") from None
     problem = None
@@ -403,6 +583,8 @@ def _open_file(path: Path) -> h5py.File:
             f"{path} is spike log version {int(file.attrs['version'])}, newer than this "
             f"spikealign reads (up to {VERSION}); upgrade spikealign to read it"
         )
+    elif file.attrs["version"] < 1:
+        problem = f"{path} is a damaged spike log (version {file.attrs['version']}); {hint}"
     if problem:
         file.close()
         raise UserError(problem)
@@ -413,53 +595,229 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _check_stored(dataset: h5py.Dataset, count: int, where: str) -> None:
+    """``count`` entries must fit in what the file stores for the dataset (compressed at most
+    ~1032:1 by deflate, plus one chunk of fill values): no unbounded read of unwritten space."""
+    chunk = int(np.prod(dataset.chunks)) if dataset.chunks else 0
+    stored = dataset.id.get_storage_size()
+    if (count - chunk) * dataset.dtype.itemsize > _MAX_COMPRESSION * stored:
+        raise _Damaged(f"/{where} claims {count} entries but the file stores only {stored} bytes")
+
+
+class _Damaged(Exception):
+    """Internal: what is wrong with a log; SpikeLog turns it into a UserError naming the file."""
+
+
 class SpikeLog:
     """Read a spike log (complete or ``.partial``); use as a context manager.
 
     Metadata are attributes: ``version``, ``sizes``, ``layer_names``, ``fc_names``, ``dt`` (s),
     ``seed``, ``created``, ``params`` (dict), ``complete`` (bool) and ``simulated_until`` (s).
-    Data come from methods, each reading its datasets whole; layers and fc matrices are given by
-    index or name ("L0", "fc1").
+    Data come from methods; layers and fc matrices are given by index or name ("L0", "fc1").
+
+    Everything read is checked before it is returned: sizes against the attributes before any
+    array is read (memory stays bounded by what the attributes allow), HDF5's fletcher32
+    checksums, neuron and fc indices in range, times finite and inside the flush that committed
+    them. A log that fails a check raises a one-line UserError saying it is damaged.
+    Version 2 logs return exactly the data their last commit covers (what the writer had
+    flushed); data a writer was adding when it died are ignored.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._file = _open_file(self.path)
         try:
-            attrs = self._file.attrs
-            self.version = int(attrs["version"])
-            self.sizes = tuple(int(size) for size in attrs["sizes"])
-            self.layer_names = [_text(name) for name in attrs["layer_names"]]
-            self.fc_names = [_text(name) for name in attrs["fc_names"]]
-            self.dt = float(attrs["dt"])
-            self.seed = int(attrs["seed"])
-            self.created = _text(attrs["created"])
-            self.params = json.loads(_text(attrs["params_json"]))
+            self._read_metadata()
+        except (_Damaged, KeyError, OSError, ValueError, TypeError) as err:
+            self._file.close()
+            raise self._damaged(err) from None
+
+    def _damaged(self, err: BaseException) -> UserError:
+        what = str(err) if isinstance(err, _Damaged) else f"{type(err).__name__}: {err}"
+        what = " ".join(what.split())  # one line
+        holder = lock_holder(lock_path(self.path))
+        if holder is not None and self.path.name.endswith(PARTIAL_SUFFIX):
+            return UserError(
+                f"{self.path} is being written (process {holder}) and changed while it was read "
+                f"({what}); try again"
+            )
+        return UserError(
+            f"{self.path} is a damaged spike log: {what}; write it again with {WRITTEN_BY}"
+        )
+
+    def _read_metadata(self) -> None:
+        attrs = self._file.attrs
+        self.version = int(attrs["version"])
+        sizes = np.asarray(attrs["sizes"])
+        if sizes.ndim != 1 or len(sizes) < 2 or sizes.dtype.kind not in "iu" or sizes.min() < 1:
+            raise _Damaged(f"attribute sizes = {sizes.tolist()} is not >= 2 positive integers")
+        self.sizes = tuple(int(size) for size in sizes)
+        self.layer_names = [_text(name) for name in np.atleast_1d(attrs["layer_names"])]
+        self.fc_names = [_text(name) for name in np.atleast_1d(attrs["fc_names"])]
+        if self.layer_names != layer_names(self.sizes) or self.fc_names != fc_names(self.sizes):
+            raise _Damaged(
+                f"attributes layer_names {self.layer_names} / fc_names {self.fc_names} do not "
+                f"match sizes {list(self.sizes)}"
+            )
+        self.dt = float(attrs["dt"])
+        if not (math.isfinite(self.dt) and self.dt > 0):
+            raise _Damaged(f"attribute dt = {self.dt} is not a positive time step")
+        self.seed = int(attrs["seed"])
+        self.created = _text(attrs["created"])
+        self.params = json.loads(_text(attrs["params_json"]))
+        for name in self.layer_names:
+            for group in ("layers", "windows"):
+                if f"{group}/{name}" not in self._file:
+                    raise _Damaged(f"/{group}/{name} is missing")
+        for fc, name in enumerate(self.fc_names):  # the matrices' shapes must agree with sizes
+            group = self._file.get(f"weights/{name}")
+            shape = (self.sizes[fc + 1], self.sizes[fc])
+            for key in WEIGHT_NAMES if group is not None else ():
+                if key in group and group[key].shape != shape:
+                    raise _Damaged(
+                        f"/weights/{name}/{key} has shape {group[key].shape}, but sizes say {shape}"
+                    )
+        if self.version == 1:
             status = self._file["status"].attrs
             self.complete = bool(status["complete"])
             self.simulated_until = float(status["simulated_until"])
-        except (KeyError, OSError, ValueError, TypeError) as err:
-            self._file.close()
-            raise UserError(
-                f"{self.path} is a damaged spike log ({type(err).__name__}: {err}); "
-                f"write it again with {WRITTEN_BY}"
-            ) from None
+            self._commits = None
+        else:
+            self._read_commits()
+        if not (math.isfinite(self.simulated_until) and self.simulated_until >= 0):
+            raise _Damaged(f"simulated_until = {self.simulated_until} s")
+        self._file_size = self.path.stat().st_size
+
+    def _read_commits(self) -> None:
+        commits = self._file[COMMITS]
+        columns = [_text(column) for column in commits.attrs["columns"]]
+        weights = [_text(key) for key in commits.attrs["weights"]]
+        if commits.ndim != 1 or commits.dtype != commit_dtype(len(columns), len(weights)):
+            raise _Damaged(f"/{COMMITS} has dtype {commits.dtype}, not a commit table")
+        if commits.shape[0] * commits.dtype.itemsize > self.path.stat().st_size:
+            raise _Damaged(f"/{COMMITS} claims {commits.shape[0]} rows, more than the file holds")
+        rows = commits[()]
+        if len(rows) == 0:
+            raise _Damaged("nothing was committed (the writer died while creating the file)")
+        until, starts, ends = rows["simulated_until"], rows["start"], rows["end"]
+        previous_ends = np.vstack([np.zeros((1, len(columns)), np.int64), ends[:-1]])
+        if (
+            not np.all(np.isfinite(until))
+            or np.any(np.diff(until) < 0)
+            or np.any(starts > ends)
+            or np.any((ends > starts) & (starts < previous_ends))
+            or np.any(ends < previous_ends)
+            or np.any(rows["complete"][:-1] != 0)
+        ):
+            raise _Damaged(f"/{COMMITS} is not a consistent sequence of commits")
+        for index, column_path in enumerate(columns):
+            dataset = self._file.get(column_path)
+            if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1:
+                raise _Damaged(f"/{column_path} is missing")
+            if ends[-1, index] > dataset.shape[0]:
+                raise _Damaged(
+                    f"/{column_path} holds {dataset.shape[0]} entries, fewer than the "
+                    f"{ends[-1, index]} committed"
+                )
+        self._commits = rows
+        self._columns = {column: index for index, column in enumerate(columns)}
+        self._weight_keys = weights
+        self.complete = bool(rows["complete"][-1])
+        self.simulated_until = float(until[-1])
 
     # -- raw tables -----------------------------------------------------------------------------
 
-    def _read(self, dataset_path: str, whole: bool = True) -> np.ndarray | h5py.Dataset:
-        """A dataset's values (or, with whole=False, the dataset); UserError if unreadable."""
+    def _limit(self, column_path: str, itemsize: int) -> int:
+        """Most entries a column can honestly hold: bounds memory before anything is read."""
+        group, _, _ = column_path.rpartition("/")
+        kind, _, name = group.partition("/")
+        if kind in ("layers", "windows") and name in self.layer_names:
+            # at most one spike (or window) per neuron and time step
+            steps = math.ceil(self.simulated_until / self.dt) + 1
+            return self.sizes[self.layer_names.index(name)] * steps
+        return _MAX_COMPRESSION * self._file_size // itemsize + 1
+
+    def _column(self, column_path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(values, counts, lower, upper): the committed entries of a column, and per flush
+        that added entries their number and the start and end of the simulated time it covered."""
         try:
-            dataset = self._file[dataset_path]
-            return dataset[()] if whole else dataset
-        except (KeyError, OSError) as err:
-            raise UserError(
-                f"{self.path} is a damaged spike log: cannot read /{dataset_path} "
-                f"({type(err).__name__}: {err}); write it again with {WRITTEN_BY}"
-            ) from None
+            dataset = self._file[column_path]
+        except KeyError:
+            raise _Damaged(f"/{column_path} is missing") from None
+        if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1:
+            raise _Damaged(f"/{column_path} is not a 1-D dataset")
+        if self._commits is None:  # version 1: the whole dataset, flushed up to simulated_until
+            count = dataset.shape[0]
+            self._check_count(column_path, count, dataset)
+            values = dataset[()]
+            return values, np.array([count]), np.zeros(1), np.array([self.simulated_until])
+        index = self._columns.get(column_path)
+        if index is None:
+            raise _Damaged(f"/{column_path} is not in the commit table")
+        rows = self._commits
+        starts, ends = rows["start"][:, index], rows["end"][:, index]
+        counts = ends - starts
+        self._check_count(column_path, int(counts.sum()), dataset)
+        until = rows["simulated_until"]
+        flush_start = np.concatenate([[0.0], until[:-1]])
+        nonempty = np.flatnonzero(counts)
+        if len(nonempty) == 0:
+            empty = np.zeros(0)
+            return np.zeros(0, dataset.dtype), empty.astype(np.int64), empty, empty
+        first, last = int(starts[nonempty[0]]), int(ends[nonempty[-1]])
+        span = dataset[first:last]  # holes between flushes are shorter than a chunk each
+        values = np.concatenate([span[starts[k] - first : ends[k] - first] for k in nonempty])
+        return values, counts[nonempty], flush_start[nonempty], until[nonempty]
+
+    def _check_count(self, column_path: str, count: int, dataset: h5py.Dataset) -> None:
+        limit = self._limit(column_path, dataset.dtype.itemsize)
+        if count > limit:
+            raise _Damaged(
+                f"/{column_path} claims {count} entries, more than the {limit} its attributes allow"
+            )
+        _check_stored(dataset, count, column_path)
 
     def _table(self, group_path: str, columns: dict) -> dict[str, np.ndarray]:
-        return {column: self._read(f"{group_path}/{column}") for column in columns}
+        """Read and check a table; a damaged log raises a one-line UserError."""
+        try:
+            table, bounds = {}, None
+            for column, dtype in columns.items():
+                values, counts, lower, upper = self._column(f"{group_path}/{column}")
+                if values.dtype != np.dtype(dtype):
+                    raise _Damaged(f"/{group_path}/{column} has dtype {values.dtype}")
+                if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+                    raise _Damaged(f"/{group_path}/{column} holds NaN or infinite values")
+                if table and len(values) != len(next(iter(table.values()))):
+                    raise _Damaged(f"the columns of /{group_path} have different lengths")
+                table[column] = values
+                if _time_column(f"{group_path}/{column}"):
+                    bounds = (column, counts, lower, upper)
+            if bounds is not None:
+                column, counts, lower, upper = bounds
+                values = table[column]
+                if len(values):  # every entry inside the time its flush covered
+                    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+                    low = np.minimum.reduceat(values, offsets) < lower - self.dt
+                    high = np.maximum.reduceat(values, offsets) > upper + self.dt
+                    if low.any() or high.any():
+                        flush = int(np.flatnonzero(low | high)[0])
+                        piece = values[offsets[flush] : offsets[flush] + counts[flush]]
+                        outside = (piece < lower[flush] - self.dt) | (
+                            piece > upper[flush] + self.dt
+                        )
+                        first = int(offsets[flush] + np.flatnonzero(outside)[0])
+                        raise _Damaged(
+                            f"/{group_path}/{column}[{first}] = {values[first]:g} s lies outside "
+                            f"the {lower[flush]:g}..{upper[flush]:g} s its flush covered"
+                        )
+            return table
+        except (_Damaged, KeyError, OSError, ValueError) as err:
+            raise self._damaged(err) from None
+
+    def _check_index(self, values: np.ndarray, size: int, what: str) -> None:
+        if len(values) and (values.min() < 0 or values.max() >= size):
+            bad = int(np.flatnonzero((values < 0) | (values >= size))[0])
+            raise self._damaged(_Damaged(f"{what}[{bad}] = {values[bad]} is not in 0..{size - 1}"))
 
     def layer_index(self, layer: int | str) -> int:
         """Index of a layer given by index or name."""
@@ -471,34 +829,73 @@ class SpikeLog:
 
     def spike_count(self, layer: int | str) -> int:
         """Number of spikes of one layer (without reading them)."""
-        name = self.layer_names[self.layer_index(layer)]
-        return int(self._read(f"layers/{name}/spike_indices", whole=False).shape[0])
+        column_path = f"layers/{self.layer_names[self.layer_index(layer)]}/spike_indices"
+        try:
+            if self._commits is not None:
+                index = self._columns[column_path]
+                return int(
+                    np.sum(self._commits["end"][:, index] - self._commits["start"][:, index])
+                )
+            return int(self._file[column_path].shape[0])
+        except KeyError as err:
+            raise self._damaged(err) from None
 
     def spikes(self, layer: int | str) -> tuple[np.ndarray, np.ndarray]:
         """(times in s float64, neuron indices int32) of all spikes of one layer."""
-        table = self._table(f"layers/{self.layer_names[self.layer_index(layer)]}", SPIKE_COLUMNS)
+        l = self.layer_index(layer)
+        table = self._table(f"layers/{self.layer_names[l]}", SPIKE_COLUMNS)
+        self._check_index(table["spike_indices"], self.sizes[l], f"/layers/{self.layer_names[l]}")
         return table["spike_times"], table["spike_indices"]
 
     def windows(self, layer: int | str) -> dict[str, np.ndarray]:
         """RDD window events of one layer: neuron, start, end (s), u_max, spiked (bool)."""
-        table = self._table(f"windows/{self.layer_names[self.layer_index(layer)]}", WINDOW_COLUMNS)
+        l = self.layer_index(layer)
+        where = f"/windows/{self.layer_names[l]}"
+        table = self._table(where[1:], WINDOW_COLUMNS)
+        self._check_index(table["neuron"], self.sizes[l], f"{where}/neuron")
+        if np.any(table["start"] > table["end"]) or np.any(table["spiked"] > 1):
+            raise self._damaged(_Damaged(f"{where} holds a window ending before it starts"))
         table["spiked"] = table["spiked"].astype(bool)
         return table
 
     def schedule(self) -> dict[str, np.ndarray]:
         """Segments: driven layer index, start and end (s)."""
-        return self._table("schedule", SCHEDULE_COLUMNS)
+        table = self._table("schedule", SCHEDULE_COLUMNS)
+        self._check_index(table["layer"], len(self.sizes), "/schedule/layer")
+        if np.any(table["start"] >= table["end"]):
+            raise self._damaged(_Damaged("/schedule holds a segment ending before it starts"))
+        return table
 
     def alignment(self) -> dict[str, np.ndarray]:
         """Alignment records: time (s), fc (0 is fc1), angle_deg, sign_agreement, norm_ratio."""
-        return self._table("alignment", ALIGNMENT_COLUMNS)
+        table = self._table("alignment", ALIGNMENT_COLUMNS)
+        self._check_index(table["fc"], len(self.fc_names), "/alignment/fc")
+        return table
 
     def weights(self, fc: int | str) -> dict[str, np.ndarray]:
         """The matrices written for one fc (any of W, Y_before, Y_after, beta), out x in float32."""
-        name = self.fc_names[self.fc_index(fc)]
-        group = self._file.get(f"weights/{name}")
-        present = [] if group is None else [key for key in WEIGHT_NAMES if key in group]
-        return {key: self._read(f"weights/{name}/{key}") for key in present}
+        index = self.fc_index(fc)
+        name = self.fc_names[index]
+        shape = (self.sizes[index + 1], self.sizes[index])
+        try:
+            if self._commits is not None:
+                written = self._commits["weights"][-1]
+                present = [
+                    key for key in WEIGHT_NAMES if written[self._weight_keys.index(f"{name}/{key}")]
+                ]
+            else:
+                group = self._file.get(f"weights/{name}")
+                present = [] if group is None else [key for key in WEIGHT_NAMES if key in group]
+            matrices = {}
+            for key in present:
+                dataset = self._file[f"weights/{name}/{key}"]
+                if dataset.shape != shape:
+                    raise _Damaged(f"/weights/{name}/{key} has shape {dataset.shape}, not {shape}")
+                _check_stored(dataset, dataset.size, f"weights/{name}/{key}")
+                matrices[key] = dataset[()]
+            return matrices
+        except (_Damaged, KeyError, OSError, ValueError) as err:
+            raise self._damaged(err) from None
 
     # -- derived --------------------------------------------------------------------------------
 

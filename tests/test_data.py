@@ -347,9 +347,9 @@ def assert_one_line(err: pytest.ExceptionInfo) -> str:
 
 def test_unknown_dataset_lists_the_names():
     with pytest.raises(UserError) as err:
-        load_dataset("mnist")
+        load_dataset("kmnist")
     message = assert_one_line(err)
-    assert "'mnist'" in message
+    assert "'kmnist'" in message
     for name in DATASETS:
         assert name in message
 

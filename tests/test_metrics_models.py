@@ -1,4 +1,7 @@
-"""Tests of spikealign.metrics (alignment measures on known cases) and spikealign.models."""
+"""Tests of spikealign.metrics (alignment measures on known cases) and spikealign.models.
+
+Precision: the test that also runs on CUDA computes in float64 (no TF32 there), to 1e-6.
+"""
 
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def test_interrupted_phase_stops_the_next_segment_and_keeps_the_partial_log(tmp_
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ({"weights": [np.zeros((20, 40)), np.zeros((10, 21))]}, "fc2 has shape"),
+        ({"weights": [np.eye(20, 40), np.zeros((10, 21))]}, "fc2 has shape"),
         ({"feedbacks": [np.full((20, 40), np.nan), np.zeros((10, 20))]}, "NaN"),
         ({"weights": [np.zeros((20, 40))]}, "expected 2 weight matrices"),
     ],
@@ -194,4 +194,4 @@ def test_cli_bad_inputs(tmp_path):
     assert "no such file" in _cli_error(tmp_path, "--weights", str(tmp_path / "missing.npz"))
     assert "checkpoint" in _cli_error(tmp_path, "--checkpoint", str(text))
     assert "--sizes" in _cli_error(tmp_path, "--sizes", "40,x")
-    assert "not writable" in _cli_error(tmp_path, "--log", str(tmp_path / "no" / "dir.h5"))
+    assert "is a file, not a directory" in _cli_error(tmp_path, "--log", str(text / "log.h5"))

@@ -13,7 +13,7 @@ import pytest
 
 from sims.inspect import main as inspect_main
 from spikealign.errors import UserError
-from spikealign.spikelog import SpikeLogWriter, open_log
+from spikealign.spikelog import VERSION, SpikeLogWriter, open_log
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [6, 4, 3, 2]
@@ -77,7 +77,7 @@ def test_round_trip(written):
     path, expected = written
     assert path.exists() and not Path(str(path) + ".partial").exists()
     with open_log(path) as log:
-        assert log.version == 1
+        assert log.version == VERSION == 2
         assert log.sizes == tuple(SIZES)
         assert log.layer_names == ["L0", "L1", "L2", "L3"]
         assert log.fc_names == ["fc1", "fc2", "fc3"]
@@ -119,7 +119,16 @@ def test_round_trip(written):
     with h5py.File(path, "r") as file:  # the layout promised in docs/spikelog.md
         spike_times = file["layers/L1/spike_times"]
         assert spike_times.maxshape == (None,) and spike_times.compression == "gzip"
+        assert spike_times.fletcher32 and file["weights/fc1/W"].fletcher32
         assert file["weights/fc1/W"].compression == "gzip"
+        commits = file["status/commits"][()]
+        # one commit at creation, one per flush, the last (close) marks the log complete
+        assert list(commits["simulated_until"]) == [0.0, 1.0, 2.0, 3.0, 3.0]
+        assert list(commits["complete"]) == [0, 0, 0, 0, 1]
+        # every flush starts its entries of a column at a chunk boundary
+        chunk = spike_times.chunks[0]
+        column = list(file["status/commits"].attrs["columns"]).index("layers/L1/spike_times")
+        assert list(commits["start"][1:4, column]) == [0, chunk, 2 * chunk]
 
 
 def test_cut_off_write_leaves_readable_partial(tmp_path):
@@ -241,7 +250,7 @@ def _bad_file(kind: str, tmp_path: Path, valid: Path) -> Path:
     elif kind == "newer":
         path.write_bytes(valid.read_bytes())
         with h5py.File(path, "r+") as file:
-            file.attrs["version"] = np.int64(2)
+            file.attrs["version"] = np.int64(VERSION + 1)
     return path
 
 
@@ -253,7 +262,7 @@ def _bad_file(kind: str, tmp_path: Path, valid: Path) -> Path:
         ("text", "is not an HDF5 file"),
         ("truncated", "is truncated or corrupt"),
         ("missing", "does not exist; expected a file written by python -m sims.rdd_phase --log"),
-        ("newer", "is spike log version 2, newer than this spikealign reads (up to 1)"),
+        ("newer", "is spike log version 3, newer than this spikealign reads (up to 2)"),
     ],
 )
 def test_bad_files_give_one_line_errors(kind, message, tmp_path, written):
@@ -296,7 +305,7 @@ def test_inspect_prints_summary_and_plots(written, tmp_path, capsys):
     path, _ = written
     inspect_main([str(path), "--plot", str(tmp_path / "plots")])
     out = capsys.readouterr().out
-    assert "format:    spikealign.spikelog version 1" in out
+    assert "format:    spikealign.spikelog version 2" in out
     assert "status:    complete, simulated until 3.000 s" in out
     assert "network:   sizes 6-4-3-2 (L0..L3), dt 1 ms, seed 7" in out
     assert "schedule:  3 segments" in out and "2.000 -     3.000 s  L1 driven" in out
@@ -329,3 +338,18 @@ def test_inspect_bad_file_exits_2_with_one_line(tmp_path):
         "python -m sims.rdd_phase --log\n"
     )
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_reads_version_1_logs():
+    # tests/data/spikelog_v1.h5 was written by the version 1 writer (datasets appended in place)
+    with open_log(REPO / "tests" / "data" / "spikelog_v1.h5") as log:
+        assert (log.version, log.sizes, log.seed, log.complete) == (1, (4, 3, 2), 5, True)
+        assert log.simulated_until == 2.0
+        np.testing.assert_array_equal(log.spikes("L0")[1], [3, 0, 3])
+        np.testing.assert_array_equal(log.spikes(1)[0], [0.3, 1.3, 1.4])
+        np.testing.assert_array_equal(log.windows(0)["spiked"], [True])
+        np.testing.assert_array_equal(log.schedule()["layer"], [0, 1])
+        want = (np.arange(12).reshape(3, 4) / 10).astype(np.float32)
+        np.testing.assert_array_equal(log.weights("fc1")["W"], want)
+        assert sorted(log.weights("fc2")) == ["W"]
+        np.testing.assert_allclose(log.rates("L0"), [1.0, 0.0, 0.0, 2.0])

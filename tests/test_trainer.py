@@ -266,7 +266,7 @@ def test_user_errors_are_one_line(runs, tmp_path, capsys):
     blocker.write_text("")
     fa = str(runs["fa"])
     cases = {
-        "unknown dataset": [*SMALL_FLAGS, "--dataset", "mnist", "--rule", "bp", "--out",
+        "unknown dataset": [*SMALL_FLAGS, "--dataset", "kmnist", "--rule", "bp", "--out",
                             str(tmp_path / "x")],
         "unknown rule": [*SMALL_FLAGS, "--rule", "magic", "--out", str(tmp_path / "x")],
         "cannot write": [*SMALL_FLAGS, "--rule", "bp", "--out", str(blocker / "run")],

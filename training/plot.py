@@ -9,8 +9,8 @@ figures of every run as a table.
 from __future__ import annotations
 
 from spikealign import trainer
-from spikealign.errors import exit_on_user_error
-from training.run import OneLineParser
+from spikealign.errors import OneLineParser, exit_on_user_error
+from spikealign.outputs import check_output_dir
 
 
 def build_parser() -> OneLineParser:
@@ -26,6 +26,7 @@ def build_parser() -> OneLineParser:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    check_output_dir(args.out, "--out")
     runs = [trainer.read_run(path) for path in args.runs]
     error_path, alignment_path = trainer.plot_runs(runs, args.out)
     print(trainer.summary_table(runs))

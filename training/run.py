@@ -8,31 +8,22 @@ A thin command line over :func:`spikealign.trainer.train`; flags map one to one 
         --rule usf --recipe xiao2019 --amp --channels-last --out runs/in-r18-usf
 
 With ``--resume`` the run's settings come from ``OUT/checkpoint.pt``; flags given on the command
-line may only change how the run executes (--epochs, --device, --workers, --data-dir,
---download); any other flag that differs from the stored run is an error.
+line may only change how the run executes (--epochs, --device, --workers, --loader, --compile,
+--data-dir, --download); any other flag that differs from the stored run is an error.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import fields
 
 from spikealign import feedback, models, recipes, trainer
 from spikealign.data import DATASETS, load_dataset
-from spikealign.errors import UserError, exit_on_user_error
+from spikealign.errors import OneLineParser, UserError, exit_on_user_error
 from spikealign.trainer import distributed
 
 DEFAULTS = trainer.TrainConfig(dataset="", rule="")
 WEIGHT_MIRROR = feedback.make_rule("wm")  # for its default hyperparameters
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line, like the library's UserError."""
-
-    def error(self, message: str):
-        sys.stderr.write(f"error: {message}; see {self.prog} --help\n")
-        raise SystemExit(2)
 
 
 def _default(name: str) -> str:
@@ -153,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("rescale", "gradient"),
         help="feedback update from beta" + _default("update"),
     )
+    rdd.add_argument(
+        "--rdd-overlap",
+        action="store_true",
+        default=None,
+        help="run the phase for epoch e+1 in the background during epoch e, from the weights at "
+        "the start of epoch e (one epoch staler than the paper's schedule)",
+    )
 
     run = parser.add_argument_group("execution")
     run.add_argument(
@@ -164,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         choices=("auto", "cpu", "cuda"),
         help="auto picks CUDA when present" + _default("device"),
+    )
+    run.add_argument(
+        "--track-conservation",
+        action="store_true",
+        default=None,
+        help="write each epoch's drift of the conserved quantities per layer (docs/fa_theory.md)",
     )
     run.add_argument(
         "--deterministic",
@@ -194,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="model and inputs in channels_last memory format (faster convs on GPUs)",
+    )
+    run.add_argument(
+        "--loader",
+        choices=trainer.LOADERS,
+        help="device: data on the training device, batched augmentation there; dataloader: "
+        "per-image transforms in worker processes; auto: device when the data fit"
+        + _default("loader"),
+    )
+    run.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=trainer.COMPILE_MODES,
+        help="torch.compile forward and backward; reduce-overhead adds CUDA graphs "
+        "(default off; the flag alone: default)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

@@ -30,8 +30,10 @@ from spikealign.trainer.classify import (
 )
 from spikealign.trainer.config import (
     ALIGNMENT_KEYS,
+    COMPILE_MODES,
     DECAYED_RULES,
     FC_LAYERS,
+    LOADERS,
     RDD_LAYER_RULES,
     RUNTIME_FIELDS,
     TRAIN_RULES,
@@ -57,12 +59,15 @@ from spikealign.trainer.scores import ScoreKeeper, classification_error, mean_av
 
 __all__ = [
     "ALIGNMENT_KEYS",
+    "COMPILE_MODES",
+    "LOADERS",
     "CHECKPOINT_FILE",
     "CONFIG_FILE",
     "DECAYED_RULES",
     "EVAL_BATCH_SIZE",
     "EpochLoop",
     "FC_LAYERS",
+    "LOADERS",
     "METRICS_CSV",
     "METRICS_JSONL",
     "RDD_LAYER_RULES",

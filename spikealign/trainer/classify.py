@@ -27,6 +27,15 @@ Loss: cross-entropy on the logits (single-label); binary cross-entropy on the lo
 data (VOC), which is scored by mean average precision (average precision per class, averaged over
 the classes with at least one positive example) instead of the error ``1 - accuracy``.
 
+Speed (docs/training.md): datasets held in memory go onto the training device once as uint8 and
+are shuffled, cropped, flipped and normalised there in whole batches (:mod:`spikealign.device_data`;
+``loader``); the optimiser is fused SGD on CUDA; losses and errors stay on the device until the end
+of a pass; ``compile`` runs forward and backward through ``torch.compile``. With ``rdd_overlap``
+the spiking phase for epoch e+1 runs in a background thread during epoch e, from the fc weights and
+feedback at the start of epoch e (one epoch staler than the paper's schedule, where it sees the
+weights at the end of epoch e); its feedback is applied at the start of epoch e+1, as without
+overlap. The phase before epoch 1 runs before it, as usual.
+
 The epoch loop, checkpoints, exact resume and the run directory are
 :mod:`spikealign.trainer.loop`'s; several processes under ``torchrun`` are
 :mod:`spikealign.trainer.distributed`'s. With rule ``rdd`` on several processes, rank 0 runs the
@@ -39,8 +48,10 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
+import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from spikealign import data, feedback, metrics, models
+from spikealign import conservation, data, device_data, feedback, metrics, models
 from spikealign.errors import UserError
 from spikealign.trainer import distributed, loop
 from spikealign.trainer.config import (
@@ -80,8 +91,12 @@ SUBSET_SEED = 0
 REFRESHED_RULES = ("bp", "usf", "frsf", "brsf")
 #: top-k error recorded besides the top-1 error on ImageFolder data (ImageNet's convention)
 TOP_K = 5
+#: Rules with an update after every optimiser step (feedback.step_feedback).
+STEPPED_RULES = ("kp", "wm")
 #: most DataLoader workers per process by default (on CUDA)
 MAX_DEFAULT_WORKERS = 8
+#: torch.compile backend of ``compile``; the tests use "aot_eager" (the same tracing, no codegen).
+COMPILE_BACKEND = "inductor"
 
 
 def metric_columns(multilabel: bool, arch: str = "paper", top_k: bool = False) -> list[str]:
@@ -174,6 +189,44 @@ class _RankShare(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+@dataclass
+class PendingFeedback:
+    """A finished spiking phase's feedback of fc1..fc3, to be set before ``epoch``."""
+
+    epoch: int
+    feedbacks: list[torch.Tensor]
+    wall_s: float  # the phase's own wall time
+
+
+class _BackgroundPhase:
+    """``simulate(*args)`` in a thread; :meth:`result` waits and re-raises its error here.
+
+    A thread suffices: the phase's simulation is a separate program and its estimation mostly
+    numpy, both outside the GIL, while the training loop waits on the device.
+    """
+
+    def __init__(self, simulate, *args):
+        self._result = self._error = None
+
+        def target():
+            try:
+                self._result = simulate(*args)
+            except BaseException as err:  # handed to the training thread
+                self._error = err
+
+        self._thread = threading.Thread(target=target, name="spiking-phase", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> PendingFeedback:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 class Training(loop.EpochLoop):
     """State of one run: data, model, optimiser, spiking phase, history. Use :func:`train`."""
 
@@ -188,6 +241,10 @@ class Training(loop.EpochLoop):
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            # Every batch has one shape: cuDNN times its algorithms once and keeps the fastest
+            # (as torchvision's reference scripts do unless asked for determinism).
+            torch.backends.cudnn.benchmark = True
 
         load = functools.partial(
             data.load_dataset,
@@ -209,6 +266,7 @@ class Training(loop.EpochLoop):
                 f"the training set has {len(self.train_set)} examples, fewer than one batch of "
                 f"{config.batch_size}; lower --batch-size or raise --limit-train"
             )
+        self.loader_kind = "dataloader"  # or "device", set by _loaders
         self.train_loader, self.test_loader = self._loaders()
         self.loss_fn = nn.BCEWithLogitsLoss() if self.multilabel else nn.CrossEntropyLoss()
 
@@ -230,25 +288,83 @@ class Training(loop.EpochLoop):
             lr=config.lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
+            # one kernel for the whole update on CUDA; the CPU keeps the reference loop
+            fused=True if self.device.type == "cuda" else None,
         )
         self.decayed_feedback = [
             layer.feedback
             for _, layer in feedback.feedback_layers(self.model)
             if layer.rule in ("fa", "learned")
         ]
+        self.forward_loss = (
+            self._forward_loss if config.compile == "off" else self._compiled_forward_loss()
+        )
         self.phase = self._make_phase() if config.rule == "rdd" else None
+        # Q_k(0) of METHOD 9 (restored from the checkpoint on resume), for drift_<layer> columns
+        self.conservation = (
+            conservation.DriftTracker(self.model) if config.track_conservation else None
+        )
+        #: rdd_overlap: the phase running in the background, and the finished one's result
+        self.background: _BackgroundPhase | None = None
+        self.pending: PendingFeedback | None = None
 
-    def _loaders(self) -> tuple[DataLoader, DataLoader]:
+    def _loaders(self):
+        """(train, test) loaders: on the device when ``loader`` allows and the data fit."""
+        config, dist = self.config, self.dist
+        batch_size = dist.local_batch_size(config.batch_size)
+        if batch_size < 2:
+            raise UserError(
+                f"batch size {config.batch_size} over {dist.world_size} processes leaves "
+                f"{batch_size} example per process; batch norm needs at least 2, so use "
+                f"--batch-size {2 * dist.world_size} or more"
+            )
+        if config.loader != "dataloader":
+            loaders = self._device_loaders(batch_size)
+            if loaders is not None:
+                self.loader_kind = "device"
+                return loaders
+            if config.loader == "device":
+                raise UserError(
+                    f"--loader device: {config.dataset} cannot be held on {self.device} (images "
+                    "read from files, a transform the batched version lacks, or too large); "
+                    "use --loader auto or dataloader"
+                )
+        return self._data_loaders(batch_size)
+
+    def _device_loaders(self, batch_size: int):
+        budget = None
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+            budget = int(device_data.CUDA_MEMORY_SHARE * free)
+        train = device_data.device_dataset(self.train_set, self.device, budget)
+        if train is None:
+            return None
+        test = device_data.device_dataset(
+            self.test_set, self.device, None if budget is None else budget - train.nbytes
+        )
+        if test is None:
+            return None
+        shard = (self.dist.rank, self.dist.world_size)
+        self.train_sampler = None
+        train_loader = device_data.DeviceLoader(
+            train,
+            batch_size,
+            shuffle=True,
+            drop_last=True,  # as the DataLoader (see there)
+            augment=True,
+            generator=self.generator,
+            shard=shard,
+        )
+        test_loader = device_data.DeviceLoader(test, EVAL_BATCH_SIZE, shard=shard)
+        return train_loader, test_loader
+
+    def _data_loaders(self, batch_size: int) -> tuple[DataLoader, DataLoader]:
         config, dist = self.config, self.dist
         pin = self.device.type == "cuda"
-        batch_size = dist.local_batch_size(config.batch_size)
         workers = config.workers
         if workers is None:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             workers = default_workers(self.device, local_world)
-        # not persistent_workers: fresh workers each epoch draw their seeds from the generator
-        # reseeded for the epoch, which keeps augmentation, and so resume, exact
-        loading = {"num_workers": workers, "pin_memory": pin}
         # drop_last: a last batch of one example would break batch norm; the examples left out
         # differ from epoch to epoch.
         if dist.enabled:
@@ -264,7 +380,8 @@ class Training(loop.EpochLoop):
             self.train_set,
             batch_size=batch_size,
             drop_last=True,
-            **loading,
+            num_workers=workers,
+            pin_memory=pin,
             **train_order,
         )
         test_sampler = _RankShare(len(self.test_set), dist) if dist.enabled else None
@@ -272,9 +389,32 @@ class Training(loop.EpochLoop):
             self.test_set,
             batch_size=EVAL_BATCH_SIZE,
             sampler=test_sampler,
-            **loading,
+            num_workers=workers,
+            pin_memory=pin,
         )
         return train_loader, test_loader
+
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor):
+        with self._autocast():
+            logits = self.train_model(inputs)
+            return self.loss_fn(logits, targets), logits
+
+    def _compiled_forward_loss(self):
+        """``_forward_loss`` through torch.compile: forward and (AOTAutograd) backward."""
+        if self.config.rule == "dfa":
+            raise UserError(
+                "--compile does not support rule dfa (its output-error hooks run outside the "
+                "compiled graph and its gradients would be wrong); leave out --compile"
+            )
+        if self.device.type == "cpu" and COMPILE_BACKEND == "inductor":
+            compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+            if not any(name and shutil.which(name) for name in compilers):
+                raise UserError(
+                    "--compile on the CPU needs a C++ compiler (g++ or clang++) and none was "
+                    "found; install one or leave out --compile"
+                )
+        mode = None if self.config.compile == "default" else self.config.compile
+        return torch.compile(self._forward_loss, mode=mode, backend=COMPILE_BACKEND)
 
     # -- data description stored in the checkpoint, to refuse resuming on other data
     def data_signature(self) -> dict:
@@ -301,24 +441,51 @@ class Training(loop.EpochLoop):
         )
         return FeedbackPhase(sizes, config=phase_config, progress=self.progress)
 
+    def _phase_inputs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Copies of the fc weights and feedback, as the phase reads them (float64, CPU)."""
+        layers = [layer for _, layer in models.fc_layers(self.model)]
+        weights = [layer.weight.detach().cpu().double().numpy() for layer in layers]
+        feedbacks = [layer.feedback.detach().cpu().double().numpy() for layer in layers]
+        return weights, feedbacks
+
+    def _simulate_phase(self, epoch: int, weights, feedbacks) -> PendingFeedback:
+        """Run the phase before ``epoch`` (rank 0) from the given matrices; nothing is applied."""
+        self.phase.config = replace(self.phase.config, seed=epoch_seed(self.config.seed, epoch))
+        log_path = spike_log_path(self.out_dir, epoch)
+        log_path.parent.mkdir(exist_ok=True)
+        start = time.perf_counter()
+        result = self.phase.run(weights=weights, feedbacks=feedbacks, log_path=log_path)
+        feedbacks = [torch.from_numpy(np.asarray(f)) for f in result.feedbacks]
+        return PendingFeedback(epoch, feedbacks, time.perf_counter() - start)
+
+    def _apply_feedback(self, pending: PendingFeedback | None) -> None:
+        """Set the fc feedback from ``pending`` (rank 0) and broadcast it to every rank."""
+        layers = [layer for _, layer in models.fc_layers(self.model)]
+        if pending is not None:
+            for layer, new_feedback in zip(layers, pending.feedbacks, strict=True):
+                layer.set_feedback(new_feedback)
+        for layer in layers:
+            self.dist.broadcast(layer.feedback)
+
     def run_phase(self, epoch: int) -> float:
         """The spiking feedback-training phase before ``epoch``; returns its wall time in s.
 
-        On several ranks rank 0 runs it and every rank receives its feedback.
+        On several ranks rank 0 runs it and every rank receives its feedback. With
+        ``rdd_overlap`` the phase has run in the background during the previous epoch (or comes
+        from the checkpoint); only the first epoch's phase runs here.
         """
-        layers = [layer for _, layer in models.fc_layers(self.model)]
         start = time.perf_counter()
+        pending = None
         if self.dist.is_main:
-            weights = [layer.weight.detach().cpu().double().numpy() for layer in layers]
-            feedbacks = [layer.feedback.detach().cpu().double().numpy() for layer in layers]
-            self.phase.config = replace(self.phase.config, seed=epoch_seed(self.config.seed, epoch))
-            log_path = spike_log_path(self.out_dir, epoch)
-            log_path.parent.mkdir(exist_ok=True)
-            result = self.phase.run(weights=weights, feedbacks=feedbacks, log_path=log_path)
-            for layer, new_feedback in zip(layers, result.feedbacks, strict=True):
-                layer.set_feedback(torch.from_numpy(np.asarray(new_feedback)))
-        for layer in layers:
-            self.dist.broadcast(layer.feedback)
+            if self.pending is not None:
+                if self.pending.epoch != epoch:
+                    raise RuntimeError(f"phase of epoch {self.pending.epoch} before epoch {epoch}")
+                pending, self.pending = self.pending, None
+            else:
+                pending = self._simulate_phase(epoch, *self._phase_inputs())
+        self._apply_feedback(pending)
+        if pending is not None and self.config.rdd_overlap:
+            return pending.wall_s
         return time.perf_counter() - start
 
     def _inputs(self, inputs: torch.Tensor, targets: torch.Tensor):
@@ -328,6 +495,29 @@ class Training(loop.EpochLoop):
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
 
+    def _phase_due(self, epoch: int) -> bool:
+        return self.phase is not None and (epoch - 1) % self.config.rdd_every == 0
+
+    def _start_background_phase(self, epoch: int) -> None:
+        """rdd_overlap: start the phase before ``epoch + 1`` from the matrices as they are now."""
+        if not (self.config.rdd_overlap and self.dist.is_main):
+            return
+        # Also after the last epoch: a run extended later (--resume --epochs) then goes on exactly
+        # as an uninterrupted longer run.
+        if not self._phase_due(epoch + 1):
+            return
+        self.phase.progress = False  # its bar would cut through the epoch's
+        self.background = _BackgroundPhase(self._simulate_phase, epoch + 1, *self._phase_inputs())
+
+    def _finish_background_phase(self, keep: bool = True) -> None:
+        """Wait for the background phase; keep its feedback for the next epoch (or drop it)."""
+        if self.background is not None:
+            background, self.background = self.background, None
+            if keep:
+                self.pending = background.result()
+            else:
+                background.wait()
+
     def train_epoch(self, epoch: int) -> tuple[float, ...]:
         self.train_model.train()
         if self.train_sampler is not None:
@@ -335,26 +525,32 @@ class Training(loop.EpochLoop):
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr_at(epoch)
         keeper = ScoreKeeper(self.multilabel, TOP_K if self.top_k else None)
-        decay = self.config.feedback_decay
         batches = tqdm(
             self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.progress
         )
+        # No host sync per step: nothing reads a value back (the keeper sums on the device).
         for inputs, targets in batches:
             inputs, targets = self._inputs(inputs, targets)
-            with self._autocast():
-                logits = self.train_model(inputs)
-                loss = self.loss_fn(logits, targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            feedback.step_feedback(self.model)
-            if decay:
-                with torch.no_grad():
-                    for decayed in self.decayed_feedback:
-                        decayed.mul_(1.0 - decay)
+            loss, logits = self.train_step(inputs, targets)
             keeper.add(loss, logits, targets)
         self.dist.sync_buffers(self.model)
         return keeper.result(dist=self.dist)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """One SGD step with the rule's feedback updates; returns (loss, logits), on the device."""
+        if self.config.compile == "reduce-overhead":
+            # CUDA graphs: the previous step's outputs have been used, their memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, logits = self.forward_loss(inputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.config.rule in STEPPED_RULES:
+            feedback.step_feedback(self.model)
+        if self.config.feedback_decay:
+            with torch.no_grad():
+                torch._foreach_mul_(self.decayed_feedback, 1.0 - self.config.feedback_decay)
+        return loss, logits
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, ...]:
@@ -376,10 +572,16 @@ class Training(loop.EpochLoop):
         """Phase (rdd), one training pass and the test; returns the epoch's metrics row."""
         start = time.perf_counter()
         phase_s = 0.0
-        if self.phase is not None and (epoch - 1) % self.config.rdd_every == 0:
+        if self._phase_due(epoch):
             phase_s = self.run_phase(epoch)
-        train = self.train_epoch(epoch)
-        test = self.evaluate()
+        self._start_background_phase(epoch)
+        try:
+            train = self.train_epoch(epoch)
+            test = self.evaluate()
+        except BaseException:  # no phase outlives its epoch; the training error is the one raised
+            self._finish_background_phase(keep=False)
+            raise
+        self._finish_background_phase()
         values = [epoch, self.config.lr_at(epoch), train[0], train[1], test[0], test[1]]
         if self.top_k:
             values += [train[2], test[2]]
@@ -395,6 +597,8 @@ class Training(loop.EpochLoop):
         row = dict(zip(columns, values, strict=True))
         if self.config.arch != "paper":
             row["alignment"] = alignment  # every converted layer; metrics.jsonl only
+        if self.conservation is not None:
+            row.update(self.conservation.row())
         return row
 
     def progress_postfix(self, row: dict) -> dict:
@@ -406,10 +610,19 @@ class Training(loop.EpochLoop):
 
     # -- checkpoint
     def state_dict(self) -> dict:
+        pending = None
+        if self.pending is not None:  # rdd_overlap: the next epoch's feedback, already computed
+            pending = {
+                "epoch": self.pending.epoch,
+                "feedbacks": self.pending.feedbacks,
+                "wall_s": self.pending.wall_s,
+            }
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "phase": numpy_to_torch(self.phase.state_dict()) if self.phase else None,
+            "conservation": self.conservation.state_dict() if self.conservation else None,
+            "pending_phase": pending,
         }
 
     def load_state_dict(self, checkpoint: dict) -> None:
@@ -423,6 +636,10 @@ class Training(loop.EpochLoop):
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.phase is not None:
             self.phase.load_state_dict(torch_to_numpy(checkpoint["phase"]))
+        if self.conservation is not None:
+            self.conservation.load_state_dict(checkpoint["conservation"])
+        pending = checkpoint.get("pending_phase")
+        self.pending = None if pending is None else PendingFeedback(**pending)
 
     def finish(self) -> None:
         plot_runs([RunRecord(self.out_dir, self.config, self.history)], self.out_dir)

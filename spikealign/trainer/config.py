@@ -9,6 +9,7 @@ resumed run may change.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
@@ -28,7 +29,17 @@ DECAYED_RULES = ("fa", "rdd")
 ALIGNMENT_KEYS = ("angle_deg", "sign_agreement", "norm_ratio")
 #: Config fields that describe where and how a run executes, not what it computes; a resumed run
 #: may change them (``epochs`` to extend the run).
-RUNTIME_FIELDS = ("data_dir", "download", "device", "dist_backend", "workers", "epochs")
+RUNTIME_FIELDS = (
+    "data_dir", "download", "device", "dist_backend", "workers", "epochs", "loader", "compile",
+)  # fmt: skip
+#: Seeds lie in [0, MAX_SEED): torch.manual_seed takes 64-bit integers, JSON readers int64.
+MAX_SEED = 2**63
+#: Where the training data are batched: "device" (spikealign.device_data: uint8 images on the
+#: training device, batched augmentation there), "dataloader" (per-image transforms in DataLoader
+#: workers), "auto" (device when the dataset is held in memory and fits, else dataloader).
+LOADERS = ("auto", "device", "dataloader")
+#: ``compile``: "off" (eager) or a torch.compile mode ("reduce-overhead" adds CUDA graphs).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -78,8 +89,12 @@ class TrainConfig:
     # allowing), 0 on the CPU
     amp: bool = False  # bf16 autocast of forward and loss (CUDA and CPU)
     channels_last: bool = False  # model and inputs in channels_last memory format
+    loader: str = "auto"  # one of LOADERS
+    compile: str = "off"  # torch.compile mode of forward + backward, one of COMPILE_MODES
+    rdd_overlap: bool = False  # rdd: run the phase for epoch e+1 in the background during epoch e
     limit_train: int | None = None  # train on a fixed random subset of this many examples
     limit_test: int | None = None  # test on a fixed random subset of this many examples
+    track_conservation: bool = False  # drift of the conserved quantities per layer in the metrics
 
     def __post_init__(self) -> None:
         self.lr_milestones = list(self.lr_milestones)  # JSON and recipes give lists, flags tuples
@@ -147,13 +162,35 @@ class TrainConfig:
             raise UserError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.dist_backend not in ("auto", "nccl", "gloo"):
             raise UserError(f"unknown backend {self.dist_backend!r}; choose auto, nccl or gloo")
+        for f in fields(self):  # NaN passes every comparison below: refuse it first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{f.name} must be a finite number, got {value}")
         positive = ("epochs", "batch_size", "rdd_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "momentum", "weight_decay", "feedback_decay", "workers", "seed"):
+        if self.batch_size < 2:
+            raise UserError(
+                "batch_size must be at least 2: the network's batch norm needs more than one "
+                "example per batch to compute its statistics"
+            )
+        for name in ("lr", "momentum", "weight_decay", "feedback_decay", "workers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise UserError(f"seed must lie in [0, 2**63), got {self.seed}")
+        if self.momentum >= 1:
+            raise UserError(f"momentum must lie in [0, 1), got {self.momentum} (SGD diverges)")
+        if self.feedback_scale is not None and not self.feedback_scale > 0:
+            raise UserError(
+                f"feedback_scale must be positive (the bound s of U(-s, s)), got "
+                f"{self.feedback_scale}"
+            )
+        for name in ("kp_lr", "kp_weight_decay", "wm_lr", "wm_weight_decay", "wm_noise_std"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserError(f"{name} must not be negative, got {value}")
         if not 0 <= self.feedback_decay < 1:
             raise UserError(f"feedback_decay must lie in [0, 1), got {self.feedback_decay}")
         if self.feedback_decay and self.rule not in DECAYED_RULES:
@@ -161,6 +198,14 @@ class TrainConfig:
                 f"feedback_decay applies to rules {' and '.join(DECAYED_RULES)}, not {self.rule} "
                 "(kp and wm have their own weight decay options)"
             )
+        if self.loader not in LOADERS:
+            raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join(LOADERS)}")
+        if self.compile not in COMPILE_MODES:
+            raise UserError(
+                f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}"
+            )
+        if self.rdd_overlap and self.rule != "rdd":
+            raise UserError(f"rdd_overlap applies to rule rdd only, but the rule is {self.rule}")
         if self.rdd_time <= 0:
             raise UserError(f"rdd_time must be positive, got {self.rdd_time}")
         for name in ("limit_train", "limit_test", "image_size", "wm_batch_size"):
@@ -208,7 +253,25 @@ class TrainConfig:
         missing = [name for name in ("dataset", "rule") if values.get(name) is None]
         if missing:
             raise UserError(f"the config needs {' and '.join(missing)}")
+        for f in fields(cls):
+            if f.name in values and not _has_type(values[f.name], str(f.type)):
+                raise UserError(
+                    f"config field {f.name} = {values[f.name]!r} is not of type {f.type}"
+                )
         return cls(**values)
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotation such as ``float`` or ``int | None``."""
+    kinds = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "None": lambda v: v is None,
+    }
+    names = [name.strip() for name in annotation.split("|")]
+    return any(kinds.get(name, lambda v: True)(value) for name in names)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

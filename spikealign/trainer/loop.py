@@ -36,7 +36,9 @@ from spikealign.trainer.config import check_same_experiment, epoch_seed
 from spikealign.trainer.rundir import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
+    check_config_file,
     load_checkpoint,
+    lock_run_dir,
     prepare_out_dir,
     rng_state,
     save_checkpoint,
@@ -177,16 +179,24 @@ def run(
     config.validate()
     distributed.setup(config.device, getattr(config, "dist_backend", "auto"))
     dist = distributed.current()
-    checkpoint = load_checkpoint(out_dir / CHECKPOINT_FILE) if resume else None
-    if checkpoint is not None and config.epochs < checkpoint["epoch"]:
-        raise UserError(
-            f"the run in {out_dir} has done {checkpoint['epoch']} epochs, more than the "
-            f"{config.epochs} asked; resume with --epochs {checkpoint['epoch']} or more"
-        )
-    dist.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite))
-    loop = make_loop(config, out_dir, progress)
-    if checkpoint is not None:
-        loop.load(checkpoint)
-    if dist.is_main:
-        write_config(out_dir, config)
-    return loop.fit()
+    # The directory is this run's from here on; a second run on it stops now.
+    lock = dist.on_main(lambda: lock_run_dir(out_dir))
+    try:
+        checkpoint = load_checkpoint(out_dir / CHECKPOINT_FILE) if resume else None
+        if checkpoint is not None:
+            dist.on_main(lambda: check_config_file(out_dir, checkpoint, type(config)))
+        if checkpoint is not None and config.epochs < checkpoint["epoch"]:
+            raise UserError(
+                f"the run in {out_dir} has done {checkpoint['epoch']} epochs, more than the "
+                f"{config.epochs} asked; resume with --epochs {checkpoint['epoch']} or more"
+            )
+        dist.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite))
+        loop = make_loop(config, out_dir, progress)
+        if checkpoint is not None:
+            loop.load(checkpoint)
+        if dist.is_main:
+            write_config(out_dir, config)
+        return loop.fit()
+    finally:
+        if lock is not None:
+            lock.release()

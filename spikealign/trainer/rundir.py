@@ -6,6 +6,12 @@ adds ``spikes/epoch_XXX.h5`` for rule ``rdd``. Every file is written to a tempor
 directory and renamed over the old one (:func:`write_atomic`), so a crash at any moment leaves the
 previous version or the new one, never a mix. Checkpoints hold only tensors and plain Python values
 and are loaded with ``torch.load(..., weights_only=True)``.
+
+A run directory belongs to one process at a time: :func:`lock_run_dir` takes ``run.lock`` in it
+(an ``fcntl.flock`` that the kernel releases when the process ends, however it ends), so a second
+run on the same directory stops at once, and deletes the temporary files of killed runs. A resumed
+run checks that ``config.json`` and the checkpoint are of the same run
+(:func:`check_config_file`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ import numpy as np
 import torch
 
 from spikealign.errors import UserError
-from spikealign.trainer.config import TrainConfig, check_same_experiment
+from spikealign.outputs import OutputLock, lock_holder, remove_stale_temporaries
+from spikealign.trainer.config import (
+    ALIGNMENT_KEYS,
+    FC_LAYERS,
+    TrainConfig,
+    check_same_experiment,
+)
 
 #: Version of the checkpoint layout; a checkpoint of another version is refused.
 CHECKPOINT_FORMAT = 1
@@ -34,6 +46,7 @@ CONFIG_FILE = "config.json"
 METRICS_CSV = "metrics.csv"
 METRICS_JSONL = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
+LOCK_FILE = "run.lock"
 SPIKES_DIR = "spikes"
 ERROR_FIGURE = "error.png"
 ALIGNMENT_FIGURE = "alignment.png"
@@ -132,9 +145,30 @@ def read_run(run_dir: str | Path) -> RunRecord:
             for line in metrics_path.read_text().splitlines()
             if line
         ]
-    except (json.JSONDecodeError, TypeError) as err:
-        raise UserError(f"cannot read the run in {run_dir}: {err}") from None
+    except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise UserError(f"cannot read the run in {run_dir}: {reason}") from None
+    _check_rows(rows, metrics_path)
     return RunRecord(run_dir, config, rows)
+
+
+def _check_rows(rows: list[dict], path: Path) -> None:
+    """Every metrics row holds the numbers the figures and the table use."""
+    for number, row in enumerate(rows, 1):
+        score = "map" if "test_map" in row else "error"
+        needed = ["epoch", "train_loss", f"train_{score}", "test_loss", f"test_{score}"]
+        needed += [f"{layer}_{key}" for layer in FC_LAYERS for key in ALIGNMENT_KEYS]
+        missing = [key for key in needed if key not in row]
+        wrong = [
+            key
+            for key in needed
+            if key in row and (isinstance(row[key], bool) or not isinstance(row[key], int | float))
+        ]
+        if missing or wrong:
+            problem = f"lacks {', '.join(missing)}" if missing else f"has non-numbers in {wrong}"
+            raise UserError(
+                f"{path} line {number} {problem}; it was not written by python -m training.run"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,11 +245,56 @@ def resume_config(out_dir: str | Path, overrides: dict | None = None, config_cla
     Only the config class's ``runtime_fields`` may differ from the stored values; any other
     override that differs is a UserError (it would make the resumed run a different experiment).
     """
+    holder = lock_holder(Path(out_dir) / LOCK_FILE)
+    if holder is not None:
+        raise UserError(
+            f"run directory {out_dir} is in use by another process (pid {holder}); wait for it "
+            "to end before resuming"
+        )
     checkpoint = load_checkpoint(Path(out_dir) / CHECKPOINT_FILE)
     stored = config_class.from_dict(checkpoint["config"])
     asked = replace(stored, **dict(overrides or {}))
     check_same_experiment(stored, asked, Path(out_dir))
     return asked
+
+
+def lock_run_dir(out_dir: Path) -> OutputLock:
+    """Own ``out_dir`` for this process (UserError if another process runs there); then delete
+    the temporary files of atomic writes that killed runs left behind."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a directory for the run")
+    try:
+        lock = OutputLock(out_dir / LOCK_FILE, f"run directory {out_dir}", "--out")
+    except OSError as err:
+        raise UserError(
+            f"cannot write to output directory {out_dir} ({err.strerror}); choose another --out"
+        ) from None
+    remove_stale_temporaries(out_dir)
+    return lock
+
+
+def check_config_file(out_dir: Path, checkpoint: dict, config_class=TrainConfig) -> None:
+    """Refuse a directory whose config.json is of another run than its checkpoint."""
+    path = out_dir / CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        written = asdict(config_class.from_dict(json.loads(path.read_text())))
+    except (json.JSONDecodeError, UserError, TypeError, AttributeError) as err:
+        raise UserError(
+            f"{path} is unreadable ({err}); delete it to resume from the checkpoint"
+        ) from None
+    stored = asdict(config_class.from_dict(checkpoint["config"]))
+    conflicts = [
+        f"{name}: {written[name]!r} in {CONFIG_FILE}, {stored[name]!r} in {CHECKPOINT_FILE}"
+        for name in stored
+        if name not in config_class.runtime_fields and written.get(name) != stored[name]
+    ]
+    if conflicts:
+        raise UserError(
+            f"{out_dir} holds files of two runs ({'; '.join(conflicts)}); resume from a "
+            "directory of one run, or start again with --overwrite"
+        )
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:

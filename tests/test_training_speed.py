@@ -1,0 +1,243 @@
+"""Tests of the trainer's fast paths: data on the device, --rdd-overlap, --compile.
+
+Runs are tiny (digits, or 12 Fashion-MNIST-format images, CPU). The spiking phase is replaced by a
+recording stand-in (``RecordingPhase``), so the overlap schedule is checked without Brian2: which
+weights each phase saw and which phase's feedback each epoch trained with. ``--compile`` is traced
+with the ``aot_eager`` backend (dynamo and AOTAutograd, where graph breaks and the custom autograd
+Functions' tracing happen, without inductor's code generation, which takes minutes on 2 cores);
+the benchmark runs the inductor. Precision: CPU float32; eager and compiled runs agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spikealign import feedback, models
+from spikealign.errors import UserError
+from spikealign.trainer import TrainConfig, classify, epoch_seed
+from tests.test_data import write_fashion_mnist
+
+SMALL = dict(dataset="digits", limit_train=128, limit_test=64, batch_size=32, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def no_figures(monkeypatch):
+    """The figures at the end of a run are tested in test_trainer; here they only cost time."""
+    monkeypatch.setattr(classify.Training, "finish", lambda self: None)
+
+
+def state_equal(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(
+        torch.equal(first[key], second[key]) for key in first
+    )
+
+
+def without_times(rows):
+    return [{k: v for k, v in row.items() if k not in ("phase_s", "epoch_s")} for row in rows]
+
+
+def test_device_data_resume_is_exact_with_augmentation(tmp_path):
+    write_fashion_mnist(tmp_path / "data")
+    config = TrainConfig(
+        dataset="fashion-mnist", rule="fa", data_dir=str(tmp_path / "data"), batch_size=4,
+        epochs=3, device="cpu",
+    )  # fmt: skip
+    run = classify.Training(config, tmp_path / "a", progress=False)
+    assert run.loader_kind == "device"
+    assert run.train_loader.dataset.augments  # crop and flip on the device
+
+    rows = classify.train(config, tmp_path / "a", progress=False)
+    classify.train(replace(config, epochs=1), tmp_path / "b", progress=False)
+    resumed = classify.train(config, tmp_path / "b", resume=True, progress=False)
+    assert without_times(resumed) == without_times(rows)
+    final = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in "ab"]
+    assert state_equal(final[0]["model"], final[1]["model"])
+    assert state_equal(final[0]["optimizer"]["state"][0], final[1]["optimizer"]["state"][0])
+
+    # the per-image path stays available and trains on the same examples
+    per_image = classify.Training(replace(config, loader="dataloader"), tmp_path / "c", False)
+    assert per_image.loader_kind == "dataloader" and per_image.train_loader.num_workers >= 0
+
+
+def test_loader_device_refused_for_data_read_per_image(tmp_path, monkeypatch):
+    config = TrainConfig(**SMALL, rule="fa", loader="device")
+    monkeypatch.setattr(classify.device_data, "device_dataset", lambda *args, **kwargs: None)
+    with pytest.raises(UserError, match="--loader device: digits cannot be held on cpu"):
+        classify.Training(config, tmp_path, progress=False)
+
+
+def test_config_checks_the_new_fields():
+    for changes, message in (
+        (dict(rule="fa", rdd_overlap=True), "rdd_overlap applies to rule rdd only"),
+        (dict(rule="fa", compile="fast"), "unknown compile mode 'fast'"),
+        (dict(rule="fa", loader="gpu"), "unknown loader 'gpu'"),
+        (dict(rule="fa", workers=-1), "workers must not be negative"),
+    ):
+        with pytest.raises(UserError, match=message):
+            TrainConfig(**SMALL, **changes).validate()
+
+
+# ------------------------------------------------------------------ --rdd-overlap
+
+
+@dataclass
+class _Config:
+    seed: int = 0
+
+
+class RecordingPhase:
+    """Stands in for FeedbackPhase: records what it saw, returns feedback marking its epoch."""
+
+    def __init__(self, run_seed: int, epochs: int):
+        self.config = _Config()
+        self.progress = False
+        self.epoch_of_seed = {epoch_seed(run_seed, e): e for e in range(1, epochs + 2)}
+        self.seen: dict[int, list[np.ndarray]] = {}
+        self.calls = 0
+
+    def run(self, weights, feedbacks, log_path):
+        epoch = self.epoch_of_seed[self.config.seed]
+        time.sleep(0.05)  # long enough that the training thread runs meanwhile
+        self.seen[epoch] = [w.copy() for w in weights]
+        self.calls += 1
+        return _Result([np.full_like(f, 0.01 * epoch) for f in feedbacks])
+
+    def state_dict(self):
+        return {"calls": np.array([self.calls])}
+
+    def load_state_dict(self, state):
+        self.calls = int(state["calls"][0])
+
+
+@dataclass
+class _Result:
+    feedbacks: list
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    """Training runs with RecordingPhase; returns {"phase": ..., "start": {epoch: (W, Y)}}."""
+    record: dict = {"start": {}}
+
+    def make_phase(self):
+        record["phase"] = RecordingPhase(self.config.seed, self.config.epochs)
+        return record["phase"]
+
+    train_epoch = classify.Training.train_epoch
+
+    def recording_train_epoch(self, epoch):
+        layers = [layer for _, layer in models.fc_layers(self.model)]
+        record["start"][epoch] = (
+            [layer.weight.detach().double().numpy().copy() for layer in layers],
+            [layer.feedback.detach().clone() for layer in layers],
+        )
+        return train_epoch(self, epoch)
+
+    monkeypatch.setattr(classify.Training, "_make_phase", make_phase)
+    monkeypatch.setattr(classify.Training, "train_epoch", recording_train_epoch)
+    return record
+
+
+@pytest.mark.parametrize(("overlap", "every"), [(False, 1), (True, 1), (True, 2)])
+def test_each_phase_feeds_its_epoch_from_the_right_weights(recording, tmp_path, overlap, every):
+    config = TrainConfig(**SMALL, rule="rdd", epochs=4, rdd_every=every, rdd_overlap=overlap)
+    rows = classify.train(config, tmp_path, progress=False)
+    phase, start = recording["phase"], recording["start"]
+    due = [e for e in range(1, 5) if (e - 1) % every == 0]
+    # with overlap the phase for epoch 5 has run too, so that a longer resumed run is exact
+    assert sorted(phase.seen) == due + ([5] if overlap and 4 % every == 0 else [])
+    for epoch in range(1, 5):
+        last_phase = max(e for e in due if e <= epoch)
+        for feedback_used in start[epoch][1]:  # trained with the feedback of its own phase
+            assert torch.all(feedback_used == 0.01 * last_phase)
+    for epoch in due:
+        # without overlap the phase sees the weights at the start of its epoch; with overlap
+        # those at the start of the epoch before (it runs during that epoch); epoch 1: initial
+        seen_at = epoch - 1 if overlap and epoch > 1 else epoch
+        for seen, weight in zip(phase.seen[epoch], start[seen_at][0], strict=True):
+            assert np.array_equal(seen, weight)
+    assert all(row["phase_s"] > 0 for row in rows if row["epoch"] in due)
+
+
+def test_overlap_resume_is_exact(recording, tmp_path):
+    config = TrainConfig(**SMALL, rule="rdd", epochs=3, rdd_overlap=True)
+    rows = classify.train(config, tmp_path / "a", progress=False)
+    classify.train(replace(config, epochs=2), tmp_path / "b", progress=False)
+    checkpoint = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["pending_phase"]["epoch"] == 3  # computed during epoch 2, applied at 3
+    resumed = classify.train(config, tmp_path / "b", resume=True, progress=False)
+    # the resumed run applies the stored feedback of epoch 3 and simulates only epoch 4's
+    assert sorted(recording["phase"].seen) == [4] and recording["phase"].calls == 4
+    assert without_times(resumed) == without_times(rows)
+    final = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in "ab"]
+    assert state_equal(final[0]["model"], final[1]["model"])
+
+
+# ------------------------------------------------------------------ --compile
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(classify, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("rule", ["fa", "rdd_layers"])
+def test_converted_net_traces_without_graph_breaks(rule):
+    torch.manual_seed(0)
+    rules = classify.RDD_LAYER_RULES if rule == "rdd_layers" else rule
+    model = feedback.convert(models.paper_convnet(1, 28, 10), rules).train()
+    inputs, targets = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda x, y: F.cross_entropy(model(x), y))(inputs, targets)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+@pytest.mark.parametrize("rule", ["bp", "usf"])
+def test_compiled_training_equals_eager(aot_eager, tmp_path, rule):
+    config = TrainConfig(**SMALL, rule=rule, epochs=1)
+    eager = classify.train(config, tmp_path / "eager", progress=False)
+    compiled = classify.train(replace(config, compile="default"), tmp_path / "c", progress=False)
+    for key, value in without_times(eager)[0].items():
+        assert compiled[0][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+    states = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("eager", "c")]
+    for key, value in states[0]["model"].items():
+        torch.testing.assert_close(states[1]["model"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_refuses_dfa(tmp_path):
+    with pytest.raises(UserError, match="--compile does not support rule dfa"):
+        classify.Training(TrainConfig(**SMALL, rule="dfa", compile="default"), tmp_path, False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_keeps_data_and_metrics_on_the_device(tmp_path):
+    """float32 on CUDA (cuDNN may use TF32): a run trains from device data with fused SGD."""
+    config = TrainConfig(**{**SMALL, "device": "cuda"}, rule="fa", epochs=2)
+    run = classify.Training(config, tmp_path, progress=False)
+    assert run.loader_kind == "device" and run.train_loader.dataset.images.is_cuda
+    assert run.optimizer.defaults["fused"]
+    rows = classify.train(config, tmp_path, progress=False)
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert 0 <= rows[1]["test_error"] <= 1
+
+
+def test_an_error_in_the_background_phase_reaches_the_run(recording, tmp_path, monkeypatch):
+    def failing_run(self, weights, feedbacks, log_path):
+        if self.epoch_of_seed[self.config.seed] == 2:  # the phase run during epoch 1
+            raise RuntimeError("phase failed")
+        return _Result([np.zeros_like(f) for f in feedbacks])
+
+    monkeypatch.setattr(RecordingPhase, "run", failing_run)
+    config = TrainConfig(**SMALL, rule="rdd", epochs=2, rdd_overlap=True)
+    with pytest.raises(RuntimeError, match="phase failed"):
+        classify.train(config, tmp_path, progress=False)
+    assert sorted(recording["start"]) == [1]  # epoch 2 never started
