@@ -168,6 +168,21 @@ def _cast(tensor: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def _feedback_in(feedback: Tensor, dtype: torch.dtype) -> Tensor:
+    """``feedback`` in ``dtype`` (autocast's compute dtype). The cast is kept on the tensor and
+    reused while the feedback is unchanged (same version counter: every in-place update, refresh,
+    set_feedback or broadcast bumps it), so fixed feedback (fa, learned) is cast once, not once
+    per step."""
+    if feedback.dtype == dtype:
+        return feedback
+    cached = getattr(feedback, "_spikealign_cast", None)
+    if cached is not None and cached[0] == feedback._version and cached[1].dtype == dtype:
+        return cached[1]
+    cast = feedback.to(dtype)
+    feedback._spikealign_cast = (feedback._version, cast)
+    return cast
+
+
 def _project_output_error(
     output_error: _OutputError, feedback: Tensor, input_shape, dtype: torch.dtype
 ) -> Tensor:
@@ -224,7 +239,8 @@ class LinearFeedbackFunction(torch.autograd.Function):
                     ctx.output_error, feedback, input.shape, input_dtype
                 )
             else:
-                grad_input = grad_output.matmul(feedback.to(input.dtype)).to(input_dtype)
+                grad_input = grad_output.matmul(_feedback_in(feedback, input.dtype))
+                grad_input = grad_input.to(input_dtype)
         delta = grad_output.reshape(-1, grad_output.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_weight = delta.t().mm(input.reshape(-1, input.shape[-1])).to(weight_dtype)
@@ -305,7 +321,7 @@ class Conv2dFeedbackFunction(torch.autograd.Function):
             grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward.default(
                 grad_output,
                 input,
-                feedback.to(input.dtype),
+                _feedback_in(feedback, input.dtype),
                 ctx.bias_sizes,
                 stride,
                 padding,
