@@ -50,10 +50,11 @@ __all__ = [
     "last_linear_name",
     "paper_convnet",
     "resnet18",
+    "resnet50",
 ]
 
 #: architectures the trainer builds (``build_model``)
-ARCHS = ("paper", "resnet18", "alexnet_bn")
+ARCHS = ("paper", "resnet18", "resnet50", "alexnet_bn")
 #: what becomes of the last linear layer: stays backprop ("bp") or gets the rule ("rule")
 LAST_LAYER_CHOICES = ("bp", "rule")
 #: feedback scales: each rule's own defaults, or those of Xiao et al.'s code (METHOD 8)
@@ -201,7 +202,17 @@ def alexnet_bn(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
 def resnet18(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
     """torchvision's ResNet-18, untrained; a stem for ``in_channels`` initialised as torchvision's
     (kaiming normal, fan-out) when it is not 3."""
-    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    return _torchvision_resnet("resnet18", num_classes, in_channels)
+
+
+def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet-50, untrained (as :func:`resnet18`): the trunk that
+    ``training.detect --backbone-checkpoint`` puts under RetinaNet."""
+    return _torchvision_resnet("resnet50", num_classes, in_channels)
+
+
+def _torchvision_resnet(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     if in_channels != 3:
         stem = model.conv1
         model.conv1 = nn.Conv2d(
@@ -229,6 +240,8 @@ def build_model(arch: str, in_channels: int, image_size: int, num_classes: int) 
         return alexnet_bn(num_classes, in_channels)
     if arch == "resnet18":
         return resnet18(num_classes, in_channels)
+    if arch == "resnet50":
+        return resnet50(num_classes, in_channels)
     raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 

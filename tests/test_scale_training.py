@@ -213,3 +213,22 @@ def test_resume_with_decoding_workers_ends_like_an_uninterrupted_run(tree, tmp_p
         {k: v for k, v in row.items() if k not in drop} for row in straight
     ]
     assert straight[1]["lr"] == pytest.approx(0.1 * straight[0]["lr"])
+
+
+def test_resnet50_run_gives_the_trunk_retinanet_loads(tree, tmp_path):
+    """--arch resnet50 (usf) trains, and its checkpoint is what training.detect's
+    --backbone-checkpoint reads: the ResNet-50 trunk without fc and without feedback buffers."""
+    from spikealign import detection
+
+    out = tmp_path / "r50"
+    config = TrainConfig(
+        dataset="imagefolder", data_dir=str(tree), arch="resnet50", rule="usf",
+        image_size=32, epochs=1, batch_size=4, device="cpu",
+    )  # fmt: skip
+    trainer.train(config, out, progress=False)
+    (row,) = read_rows(out)
+    assert math.isfinite(row["train_loss"]) and "layer4.2.conv3" in row["alignment"]
+    trunk = detection.load_trunk(out / "checkpoint.pt")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert "fc.weight" not in trunk and not any(key.endswith("feedback") for key in trunk)
+    assert torch.equal(trunk["layer4.2.conv3.weight"], state["layer4.2.conv3.weight"])
