@@ -149,6 +149,16 @@ def test_conv_gradients_equal_hand_computation(rule, setting, device):
 
 
 @pytest.fixture
+def fixed_cudnn_algorithms():
+    """cuDNN picks one deterministic algorithm per convolution (no benchmark autotuning, which a
+    CUDA training run earlier in the process may have switched on), restored afterwards."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
+@pytest.fixture
 def ieee_float32():
     """TF32 off for CUDA matrix products and cuDNN convolutions, restored afterwards."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -572,7 +582,7 @@ def input_and_parameter_grads(model: nn.Module, x: Tensor, amp: bool):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bp_under_bf16_autocast_equals_autograd(device, channels_last):
+def test_bp_under_bf16_autocast_equals_autograd(device, channels_last, fixed_cudnn_algorithms):
     """Converted bp runs the same bf16 operations as autocast's own conv/linear backward."""
     reference, x = tiny_resnet_batch(device, channels_last)
     converted = convert(copy.deepcopy(reference), "bp")
@@ -586,7 +596,7 @@ def test_bp_under_bf16_autocast_equals_autograd(device, channels_last):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rule", ["fa", "usf"])
-def test_channels_last_gives_the_same_gradients(rule, device, ieee_float32):
+def test_channels_last_gives_the_same_gradients(rule, device, ieee_float32, fixed_cudnn_algorithms):
     """float32: a converted resnet18 in channels_last computes what it computes contiguous.
 
     Precision: IEEE float32 on both sides (TF32 off: with it, cuDNN's NHWC and NCHW kernels round
