@@ -128,17 +128,15 @@ def main(argv: list[str] | None = None) -> None:
         if "rule" not in overrides:
             raise UserError("--rule required to start a run (or pass --resume)")
         config = DetectConfig(**overrides)
-    try:
-        train_detector(
+    is_main = distributed.run_and_leave(
+        lambda: train_detector(
             config,
             args.out,
             resume=args.resume,
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-        is_main = distributed.current().is_main
-    finally:
-        distributed.shutdown()
+    )
     if is_main:
         print(f"run written to {args.out}")
 

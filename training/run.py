@@ -264,17 +264,15 @@ def main(argv: list[str] | None = None) -> None:
         if missing:
             raise UserError(f"{' and '.join(missing)} required to start a run (or pass --resume)")
         config = trainer.TrainConfig.from_flags(overrides)
-    try:
-        trainer.train(
+    is_main = distributed.run_and_leave(
+        lambda: trainer.train(
             config,
             args.out,
             resume=args.resume,
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-        is_main = distributed.current().is_main
-    finally:
-        distributed.shutdown()
+    )
     if is_main:
         print(f"run written to {args.out}")
 

@@ -612,22 +612,14 @@ class Training(loop.EpochLoop):
                 "wall_s": self.pending.wall_s,
             }
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **super().state_dict(),
             "phase": numpy_to_torch(self.phase.state_dict()) if self.phase else None,
             "conservation": self.conservation.state_dict() if self.conservation else None,
             "pending_phase": pending,
         }
 
     def load_state_dict(self, checkpoint: dict) -> None:
-        try:
-            self.model.load_state_dict(checkpoint["model"])
-        except RuntimeError as err:
-            first_line = str(err).strip().splitlines()[0]
-            raise UserError(
-                f"the checkpoint's model does not fit this network: {first_line}"
-            ) from None
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        super().load_state_dict(checkpoint)
         if self.phase is not None:
             self.phase.load_state_dict(torch_to_numpy(checkpoint["phase"]))
         if self.conservation is not None:

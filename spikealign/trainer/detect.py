@@ -348,19 +348,6 @@ class Detection(loop.EpochLoop):
     def description(self) -> str:
         return f"RetinaNet {self.config.rule}"
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, checkpoint: dict) -> None:
-        try:
-            self.model.load_state_dict(checkpoint["model"])
-        except RuntimeError as err:
-            first_line = str(err).strip().splitlines()[0]
-            raise UserError(
-                f"the checkpoint's model does not fit this network: {first_line}"
-            ) from None
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-
 
 def train_detector(
     config: DetectConfig,

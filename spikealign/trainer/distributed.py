@@ -176,6 +176,16 @@ def setup(device_name: str = "auto", backend: str = "auto") -> torch.device:
     return device
 
 
+def run_and_leave(action: Callable[[], T]) -> bool:
+    """Run ``action`` (a whole run), then leave the process group, also on an error; returns
+    whether this process is rank 0 (the one that reports)."""
+    try:
+        action()
+        return current().is_main
+    finally:
+        shutdown()
+
+
 def shutdown() -> None:
     """Leave the process group (end of a torchrun program)."""
     global _current

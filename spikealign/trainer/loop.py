@@ -74,11 +74,20 @@ class EpochLoop:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        """The run's own checkpoint entries (``model``, ``optimizer``, ...)."""
-        raise NotImplementedError
+        """The run's own checkpoint entries: ``model`` and ``optimizer`` (the subclass's
+        ``self.model`` and ``self.optimizer``); a subclass adds its own to these."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, checkpoint: dict) -> None:
-        raise NotImplementedError
+        """Restore what :meth:`state_dict` saved; UserError if the model does not fit."""
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+        except RuntimeError as err:
+            first_line = str(err).strip().splitlines()[0]
+            raise UserError(
+                f"the checkpoint's model does not fit this network: {first_line}"
+            ) from None
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
 
     def data_signature(self) -> dict:
         """A description of the data that a resumed run must find again."""
