@@ -166,19 +166,19 @@ def _load_files(name, spec, data_dir, download, image_size, augment):
     loader = _FileLoader(name, spec, data_dir, download)
 
     if name == "fashion-mnist":
-        train, test = loader.fashion_mnist(train_transform, test_transform)
+        train, test = loader.idx_images(datasets.FashionMNIST, train_transform, test_transform)
         class_names = tuple(datasets.FashionMNIST.classes)
     elif name == "svhn":
         train, test = loader.svhn(train_transform, test_transform)
         class_names = DIGIT_CLASSES
     elif name == "cifar10":
-        train, test = loader.cifar10(train_transform, test_transform)
+        train, test = loader.cifar(datasets.CIFAR10, train_transform, test_transform)
         class_names = tuple(train.classes)
     elif name == "mnist":
-        train, test = loader.mnist(train_transform, test_transform)
+        train, test = loader.idx_images(datasets.MNIST, train_transform, test_transform)
         class_names = DIGIT_CLASSES
     elif name == "cifar100":
-        train, test = loader.cifar100(train_transform, test_transform)
+        train, test = loader.cifar(datasets.CIFAR100, train_transform, test_transform)
         class_names = tuple(train.classes)
     elif name == "tiny-imagenet":
         train, test = loader.tiny_imagenet(train_transform, test_transform)
@@ -291,8 +291,9 @@ class _FileLoader:
                 f"delete {delete} and fetch it again with: {self.fetch}"
             )
 
-    def fashion_mnist(self, train_transform, test_transform) -> tuple[Dataset, Dataset]:
-        folder = self.path("FashionMNIST")
+    def idx_images(self, cls, train_transform, test_transform) -> tuple[Dataset, Dataset]:
+        """MNIST or Fashion-MNIST (``cls``): idx files in ``<data_dir>/<cls.__name__>/raw``."""
+        folder = self.path(cls.__name__)
         raw = os.path.join(folder, "raw")
         required = [
             os.path.join(raw, f"{split}-{kind}-idx{dims}-ubyte")
@@ -302,10 +303,9 @@ class _FileLoader:
 
         def make(download: bool) -> tuple[Dataset, Dataset]:
             return tuple(
-                datasets.FashionMNIST(self.data_dir, train=is_train, transform=transform,
-                                      download=download)
+                cls(self.data_dir, train=is_train, transform=transform, download=download)
                 for is_train, transform in ((True, train_transform), (False, test_transform))
-            )  # fmt: skip
+            )
 
         splits = self.build(required, folder, make)
         for split in splits:
@@ -327,46 +327,8 @@ class _FileLoader:
             splits.append(dataset)
         return tuple(splits)
 
-    def cifar10(self, train_transform, test_transform) -> tuple[Dataset, Dataset]:
-        cls = datasets.CIFAR10
-        folder = self.path(cls.base_folder)
-        names = [entry[0] for entry in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-        required = [os.path.join(folder, file_name) for file_name in names]
-
-        def make(download: bool) -> tuple[Dataset, Dataset]:
-            return tuple(
-                cls(self.data_dir, train=is_train, transform=transform, download=download)
-                for is_train, transform in ((True, train_transform), (False, test_transform))
-            )
-
-        splits = self.build(required, folder, make)
-        for split in splits:
-            self.check_loaded(split.data, split.targets, (32, 32, 3), folder, split.classes)
-        return splits
-
-    def mnist(self, train_transform, test_transform) -> tuple[Dataset, Dataset]:
-        folder = self.path("MNIST")
-        raw = os.path.join(folder, "raw")
-        required = [
-            os.path.join(raw, f"{split}-{kind}-idx{dims}-ubyte")
-            for split in ("train", "t10k")
-            for kind, dims in (("images", 3), ("labels", 1))
-        ]
-
-        def make(download: bool) -> tuple[Dataset, Dataset]:
-            return tuple(
-                datasets.MNIST(self.data_dir, train=is_train, transform=transform,
-                               download=download)
-                for is_train, transform in ((True, train_transform), (False, test_transform))
-            )  # fmt: skip
-
-        splits = self.build(required, folder, make)
-        for split in splits:
-            self.check_loaded(split.data, split.targets, (28, 28), folder)
-        return splits
-
-    def cifar100(self, train_transform, test_transform) -> tuple[Dataset, Dataset]:
-        cls = datasets.CIFAR100
+    def cifar(self, cls, train_transform, test_transform) -> tuple[Dataset, Dataset]:
+        """CIFAR-10 or CIFAR-100 (``cls``): torchvision's pickled batches."""
         folder = self.path(cls.base_folder)
         names = [entry[0] for entry in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         required = [os.path.join(folder, file_name) for file_name in names]
