@@ -137,6 +137,8 @@ def test_bad_input_is_one_line_and_writes_nothing(coco_dir, tmp_path, capsys):
         "invalid choice": flags(coco_dir, out, "--rule", "fa", "--convert", "heads"),
         "below min_size": flags(coco_dir, out, "--rule", "fa", "--max-size", "16"),
         "fewer than one batch": flags(coco_dir, out, "--rule", "fa", "--limit-train", "3"),
+        "lr must be a finite number": flags(coco_dir, out, "--rule", "fa", "--lr", "nan"),
+        "seed must lie in [0, 2**63)": flags(coco_dir, out, "--rule", "fa", "--seed", str(2**70)),
     }
     for needle, argv in cases.items():
         err = run_main(argv, capsys)

@@ -13,14 +13,13 @@ With ``--resume`` the run's settings come from ``OUT/checkpoint.pt``; only --epo
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 
 from spikealign import detection
-from spikealign.errors import UserError, exit_on_user_error
+from spikealign.errors import OneLineParser, UserError, exit_on_user_error
 from spikealign.trainer import distributed
 from spikealign.trainer.detect import DetectConfig, train_detector
 from spikealign.trainer.rundir import resume_config
-from training.run import OneLineParser
+from training.run import config_overrides
 
 DEFAULTS = DetectConfig(rule="")
 
@@ -108,18 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_overrides(args: argparse.Namespace) -> dict:
-    """The DetectConfig fields given on the command line."""
-    names = {f.name for f in fields(DetectConfig)}
-    return {
-        name: value for name, value in vars(args).items() if name in names and value is not None
-    }
-
-
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    overrides = config_overrides(args)
+    overrides = config_overrides(args, DetectConfig)
     if args.out is None:
         raise UserError("--out DIR is required: the directory that holds the run")
     if args.resume:

@@ -234,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_overrides(args: argparse.Namespace) -> dict:
-    """The TrainConfig fields given on the command line."""
-    names = {f.name for f in fields(trainer.TrainConfig)}
+def config_overrides(args: argparse.Namespace, config_class=trainer.TrainConfig) -> dict:
+    """The fields of ``config_class`` given on the command line."""
+    names = {f.name for f in fields(config_class)}
     return {
         name: value for name, value in vars(args).items() if name in names and value is not None
     }

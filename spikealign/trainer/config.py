@@ -167,10 +167,7 @@ class TrainConfig:
             raise UserError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.dist_backend not in ("auto", "nccl", "gloo"):
             raise UserError(f"unknown backend {self.dist_backend!r}; choose auto, nccl or gloo")
-        for f in fields(self):  # NaN passes every comparison below: refuse it first
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{f.name} must be a finite number, got {value}")
+        check_finite(self)
         positive = ("epochs", "batch_size", "rdd_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -183,8 +180,7 @@ class TrainConfig:
         for name in ("lr", "momentum", "weight_decay", "feedback_decay", "workers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not 0 <= self.seed < MAX_SEED:
-            raise UserError(f"seed must lie in [0, 2**63), got {self.seed}")
+        check_seed(self.seed)
         if self.momentum >= 1:
             raise UserError(f"momentum must lie in [0, 1), got {self.momentum} (SGD diverges)")
         if self.feedback_scale is not None and not self.feedback_scale > 0:
@@ -269,19 +265,37 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         """Build from a dict such as config.json; unknown keys are a UserError."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise UserError(f"unknown config field(s) {', '.join(unknown)}")
-        missing = [name for name in ("dataset", "rule") if values.get(name) is None]
-        if missing:
-            raise UserError(f"the config needs {' and '.join(missing)}")
-        for f in fields(cls):
-            if f.name in values and not _has_type(values[f.name], str(f.type)):
-                raise UserError(
-                    f"config field {f.name} = {values[f.name]!r} is not of type {f.type}"
-                )
-        return cls(**values)
+        return config_from_dict(cls, values, required=("dataset", "rule"))
+
+
+def config_from_dict(cls, values: dict, required: tuple[str, ...], unknown_hint: str = ""):
+    """``cls(**values)`` for a config dataclass, after checking that every key is a field, the
+    ``required`` ones are given and each value fits its field's type (UserError otherwise)."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"unknown config field(s) {', '.join(unknown)}{unknown_hint}")
+    missing = [name for name in required if values.get(name) is None]
+    if missing:
+        raise UserError(f"the config needs {' and '.join(missing)}")
+    for f in fields(cls):
+        if f.name in values and not _has_type(values[f.name], str(f.type)):
+            raise UserError(f"config field {f.name} = {values[f.name]!r} is not of type {f.type}")
+    return cls(**values)
+
+
+def check_finite(config) -> None:
+    """UserError naming the first float field of ``config`` that is NaN or infinite (NaN passes
+    every range comparison, so this comes before them)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{f.name} must be a finite number, got {value}")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < MAX_SEED:
+        raise UserError(f"seed must lie in [0, 2**63), got {seed}")
 
 
 def _has_type(value, annotation: str) -> bool:

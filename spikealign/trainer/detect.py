@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from spikealign import detection, feedback
 from spikealign.errors import UserError
 from spikealign.trainer import distributed, loop
-from spikealign.trainer.config import epoch_seed
+from spikealign.trainer.config import check_finite, check_seed, config_from_dict, epoch_seed
 
 #: Config fields a resumed run may change: where and how it executes, and its length.
 DETECT_RUNTIME_FIELDS = ("data_dir", "device", "dist_backend", "workers", "epochs")
@@ -105,6 +105,7 @@ class DetectConfig:
             raise UserError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.dist_backend not in distributed.BACKENDS:
             raise UserError(f"unknown backend {self.dist_backend!r}; choose auto, nccl or gloo")
+        check_finite(self)
         for name in ("epochs", "batch_size", "min_size", "max_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -113,6 +114,7 @@ class DetectConfig:
         for name in ("lr", "momentum", "weight_decay", "warmup_iterations", "workers", "seed"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
+        check_seed(self.seed)
         if not 0 < self.warmup_factor <= 1:
             raise UserError(f"warmup_factor must lie in (0, 1], got {self.warmup_factor}")
         for name in ("limit_train", "limit_test"):
@@ -130,15 +132,9 @@ class DetectConfig:
     @classmethod
     def from_dict(cls, values: dict) -> DetectConfig:
         """Build from a dict such as config.json; unknown keys are a UserError."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise UserError(
-                f"unknown config field(s) {', '.join(unknown)}: not a detection run's config"
-            )
-        if values.get("rule") is None:
-            raise UserError("the config needs rule")
-        return cls(**values)
+        return config_from_dict(
+            cls, values, required=("rule",), unknown_hint=": not a detection run's config"
+        )
 
 
 def learning_rate(config: DetectConfig, epoch: int, iteration: int, iterations: int) -> float:
