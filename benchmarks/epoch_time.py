@@ -69,7 +69,9 @@ def write_fashion_mnist(root: Path, train_size: int, test_size: int, seed: int =
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, count), 2049)
 
 
-def measure(variant: str, args: argparse.Namespace, data_dir: Path, compile_mode: str) -> dict:
+def measure(
+    variant: str, args: argparse.Namespace, data_dir: Path, compile_mode: str, cuda_graph: bool
+) -> dict:
     """Train one variant in this process; its per-epoch wall and phase times."""
     from spikealign import trainer
 
@@ -85,6 +87,8 @@ def measure(variant: str, args: argparse.Namespace, data_dir: Path, compile_mode
     )
     if compile_mode != "off":
         wanted["compile"] = compile_mode
+    if cuda_graph:
+        wanted["cuda_graph"] = True
     if args.workers is not None:
         wanted["workers"] = args.workers
     missing = sorted(name for name, value in wanted.items() if name not in known and value)
@@ -96,6 +100,7 @@ def measure(variant: str, args: argparse.Namespace, data_dir: Path, compile_mode
     return {
         "variant": variant,
         "compile": compile_mode,
+        "cuda_graph": cuda_graph,
         "epoch_s": [row["epoch_s"] for row in rows],
         "phase_s": [row["phase_s"] for row in rows],
         "total_s": total,
@@ -120,6 +125,8 @@ def run_baseline(args: argparse.Namespace, data_dir: Path) -> list[dict]:
             command += [f"--{name.replace('_', '-')}", str(value)]
     if args.compile != "off":
         command += ["--compile", args.compile]
+    if args.cuda_graph:
+        command += ["--cuda-graph"]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -164,7 +171,14 @@ def main() -> None:
         help="the trainer's --compile for every variant (default off)",
     )
     parser.add_argument(
-        "--eager-bp", action="store_true", help="with --compile: also time bp without it"
+        "--cuda-graph",
+        action="store_true",
+        help="the trainer's --cuda-graph for every variant (whole step as one CUDA graph)",
+    )
+    parser.add_argument(
+        "--eager-bp",
+        action="store_true",
+        help="with --compile or --cuda-graph: also time bp without them",
     )
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: the trainer's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
@@ -182,7 +196,7 @@ def main() -> None:
 
     if args.worker:  # one measurement for the parent process, as JSON lines
         for variant in variants:
-            result = measure(variant, args, Path(args.data_dir), args.compile)
+            result = measure(variant, args, Path(args.data_dir), args.compile, args.cuda_graph)
             print(RESULT_TAG + json.dumps(result), flush=True)
         return
 
@@ -195,20 +209,22 @@ def main() -> None:
             f"{device_name(args.device)}; torch {torch.__version__}; {args.train_size} training "
             f"and {args.test_size} test images 1x28x28 (idx files written in "
             f"{time.perf_counter() - start:.1f} s), batch {args.batch_size}, compile "
-            f"{args.compile}, epoch {args.epochs} of each run reported",
+            f"{args.compile}, cuda graph {'on' if args.cuda_graph else 'off'}, epoch "
+            f"{args.epochs} of each run reported",
             flush=True,
         )
-        runs = [(variant, args.compile) for variant in variants]
-        if args.eager_bp and args.compile != "off":
-            runs.append(("bp", "off"))
+        runs = [(variant, args.compile, args.cuda_graph) for variant in variants]
+        if args.eager_bp and (args.compile != "off" or args.cuda_graph):
+            runs.append(("bp", "off", False))
         results = []
-        for variant, compile_mode in runs:
-            results.append(measure(variant, args, data_dir, compile_mode))
-            if compile_mode != args.compile:
+        for variant, compile_mode, cuda_graph in runs:
+            results.append(measure(variant, args, data_dir, compile_mode, cuda_graph))
+            if (compile_mode, cuda_graph) != (args.compile, args.cuda_graph):
                 results[-1]["label"] = f"{variant} (eager)"
             epoch_s = ", ".join(f"{value:.2f}" for value in results[-1]["epoch_s"])
             print(
-                f"  {variant}, compile {compile_mode}: epochs {epoch_s} s; "
+                f"  {variant}, compile {compile_mode}, cuda graph {cuda_graph}: "
+                f"epochs {epoch_s} s; "
                 f"run {results[-1]['total_s']:.1f} s",
                 flush=True,
             )

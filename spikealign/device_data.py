@@ -186,7 +186,7 @@ class Augmentation:
     left: Tensor  # int64, N
     flip: Tensor  # bool, N
 
-    def __getitem__(self, part: slice) -> Augmentation:
+    def __getitem__(self, part: slice | Tensor) -> Augmentation:
         return Augmentation(self.top[part], self.left[part], self.flip[part])
 
     def to(self, device) -> Augmentation:
@@ -308,7 +308,8 @@ class DeviceLoader:
         count = len(self._positions())
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def plan(self) -> PassPlan:
+        """One pass's random draws (this rank's share) on the device: order and augmentation."""
         count = len(self.dataset)
         if self.shuffle:
             order = torch.randperm(count, generator=self.generator)
@@ -325,11 +326,34 @@ class DeviceLoader:
         order = order.to(self.dataset.device)
         if augmentation is not None:
             augmentation = augmentation.to(self.dataset.device)
+        return PassPlan(order, augmentation)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        plan = self.plan()
         for batch in range(len(self)):
             part = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
             yield self.dataset.batch(
-                order[part], None if augmentation is None else augmentation[part]
+                plan.order[part], None if plan.augmentation is None else plan.augmentation[part]
             )
+
+    def batch_at(self, plan: PassPlan, position: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch of ``plan`` that starts at ``position`` (a 0-d int64 tensor on the device).
+
+        The same batch as :meth:`__iter__` gives there, read without the position ever reaching
+        the host: a CUDA graph can replay it with the position advanced on the device
+        (:mod:`spikealign.trainer.graphs`). Full batches only (``drop_last``).
+        """
+        part = position + torch.arange(self.batch_size, device=position.device)
+        augmentation = None if plan.augmentation is None else plan.augmentation[part]
+        return self.dataset.batch(plan.order[part], augmentation)
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """One pass of a :class:`DeviceLoader`: the examples in order and their random draws."""
+
+    order: Tensor  # int64 example indices, on the device
+    augmentation: Augmentation | None
 
 
 def device_dataset(

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from spikealign import conservation, data, device_data, feedback, metrics, models
 from spikealign.errors import UserError
-from spikealign.trainer import distributed, loop
+from spikealign.trainer import distributed, graphs, loop
 from spikealign.trainer.config import (
     ALIGNMENT_KEYS,
     FC_LAYERS,
@@ -299,6 +299,8 @@ class Training(loop.EpochLoop):
         self.forward_loss = (
             self._forward_loss if config.compile == "off" else self._compiled_forward_loss()
         )
+        #: the training pass as CUDA-graph replays (cuda_graph), else None
+        self.graphed = self._graphed_pass() if config.cuda_graph else None
         self.phase = self._make_phase() if config.rule == "rdd" else None
         # Q_k(0) of METHOD 9 (restored from the checkpoint on resume), for drift_<layer> columns
         self.conservation = (
@@ -307,6 +309,25 @@ class Training(loop.EpochLoop):
         #: rdd_overlap: the phase running in the background, and the finished one's result
         self.background: _BackgroundPhase | None = None
         self.pending: PendingFeedback | None = None
+
+    def _graphed_pass(self) -> graphs.GraphedPass:
+        problem = None
+        if self.device.type != "cuda":
+            problem = f"needs a CUDA device, and this run trains on {self.device.type}"
+        elif self.loader_kind != "device":
+            problem = (
+                f"needs the training data on the device, and {self.config.dataset} is read by a "
+                "DataLoader (files, or --loader dataloader)"
+            )
+        elif self.dist.enabled:
+            problem = "runs in one process, not under torchrun"
+        if problem is not None:
+            raise UserError(f"--cuda-graph {problem}; leave out --cuda-graph")
+        return graphs.GraphedPass(
+            self.train_loader,
+            lambda inputs, targets: self.train_step(*self._inputs(inputs, targets)),
+            TOP_K if self.top_k else None,
+        )
 
     def _loaders(self):
         """(train, test) loaders: on the device when ``loader`` allows and the data fit."""
@@ -487,7 +508,13 @@ class Training(loop.EpochLoop):
         return inputs, targets.to(self.device, non_blocking=True)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
+        # The autocast cache of cast weights would outlive a CUDA-graph capture; off for graphs.
+        return torch.autocast(
+            self.device.type,
+            dtype=torch.bfloat16,
+            enabled=self.config.amp,
+            cache_enabled=False if self.config.cuda_graph else None,
+        )
 
     def _phase_due(self, epoch: int) -> bool:
         return self.phase is not None and (epoch - 1) % self.config.rdd_every == 0
@@ -519,14 +546,22 @@ class Training(loop.EpochLoop):
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr_at(epoch)
         keeper = ScoreKeeper(self.multilabel, TOP_K if self.top_k else None)
-        batches = tqdm(
-            self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.progress
+        bar = tqdm(
+            total=len(self.train_loader),
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=not self.progress,
         )
-        # No host sync per step: nothing reads a value back (the keeper sums on the device).
-        for inputs, targets in batches:
-            inputs, targets = self._inputs(inputs, targets)
-            loss, logits = self.train_step(inputs, targets)
-            keeper.add(loss, logits, targets)
+        with bar:
+            if self.graphed is not None:
+                self.graphed.run(keeper, bar.update)
+            else:
+                # No host sync per step: nothing reads a value back (the keeper sums on the device).
+                for inputs, targets in self.train_loader:
+                    inputs, targets = self._inputs(inputs, targets)
+                    loss, logits = self.train_step(inputs, targets)
+                    keeper.add(loss, logits, targets)
+                    bar.update()
         self.dist.sync_buffers(self.model)
         return keeper.result(dist=self.dist)
 

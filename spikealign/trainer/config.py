@@ -31,6 +31,7 @@ ALIGNMENT_KEYS = ("angle_deg", "sign_agreement", "norm_ratio")
 #: may change them (``epochs`` to extend the run).
 RUNTIME_FIELDS = (
     "data_dir", "download", "device", "dist_backend", "workers", "epochs", "loader", "compile",
+    "cuda_graph",
 )  # fmt: skip
 #: Seeds lie in [0, MAX_SEED): torch.manual_seed takes 64-bit integers, JSON readers int64.
 MAX_SEED = 2**63
@@ -40,6 +41,8 @@ MAX_SEED = 2**63
 LOADERS = ("auto", "device", "dataloader")
 #: ``compile``: "off" (eager) or a torch.compile mode ("reduce-overhead" adds CUDA graphs).
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+#: Compile modes that make CUDA graphs themselves (so not together with ``cuda_graph``).
+GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -96,6 +99,7 @@ class TrainConfig:
     channels_last: bool = False  # model and inputs in channels_last memory format
     loader: str = "auto"  # one of LOADERS
     compile: str = "off"  # torch.compile mode of forward + backward, one of COMPILE_MODES
+    cuda_graph: bool = False  # replay one CUDA graph of the whole training step (trainer.graphs)
     rdd_overlap: bool = False  # rdd: run the phase for epoch e+1 in the background during epoch e
     limit_train: int | None = None  # train on a fixed random subset of this many examples
     limit_test: int | None = None  # test on a fixed random subset of this many examples
@@ -204,6 +208,16 @@ class TrainConfig:
         if self.compile not in COMPILE_MODES:
             raise UserError(
                 f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}"
+            )
+        if self.cuda_graph and self.compile in GRAPHING_COMPILE_MODES:
+            raise UserError(
+                f"cuda_graph and compile mode {self.compile} both make CUDA graphs; use compile "
+                "default or off with --cuda-graph"
+            )
+        if self.cuda_graph and self.rule == "dfa":
+            raise UserError(
+                "cuda_graph does not support rule dfa (its output-error hooks run outside the "
+                "recorded step); leave out --cuda-graph"
             )
         if self.rdd_overlap and self.rule != "rdd":
             raise UserError(f"rdd_overlap applies to rule rdd only, but the rule is {self.rule}")

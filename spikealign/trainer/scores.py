@@ -57,15 +57,30 @@ class ScoreKeeper:
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         batch = targets.shape[0]
-        self.count += batch
-        self._batch_losses.append(loss.detach() * batch)
         if self.multilabel:
+            self.count += batch
+            self._batch_losses.append(loss.detach() * batch)
             self._scores.append(logits.detach().float().cpu())
             self._targets.append(targets.detach().cpu())
-        else:
-            self._batch_errors.append(classification_error(logits.detach(), targets))
-            if self.top_k is not None:
-                self._batch_top_k.append(top_k_error(logits.detach(), targets, self.top_k))
+            return
+        logits = logits.detach()
+        top_k = None if self.top_k is None else top_k_error(logits, targets, self.top_k)
+        self.add_sums(batch, loss.detach() * batch, classification_error(logits, targets), top_k)
+
+    def add_sums(
+        self,
+        count: int,
+        loss_sum: torch.Tensor,
+        errors: torch.Tensor,
+        top_k_errors: torch.Tensor | None = None,
+    ) -> None:
+        """Add ``count`` single-label examples by their summed loss, errors (and top-k errors);
+        for passes that keep these sums themselves (a CUDA-graphed pass)."""
+        self.count += count
+        self._batch_losses.append(loss_sum)
+        self._batch_errors.append(errors)
+        if self.top_k is not None:
+            self._batch_top_k.append(top_k_errors)
 
     def result(self, ignore: torch.Tensor | None = None, dist=None) -> tuple[float, ...]:
         """(mean loss, error) or (mean loss, mAP) for multi-label data, ``ignore`` as in
