@@ -19,11 +19,11 @@ step() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/summary.log"
 # -x stops at the first failure, so its name (-rfE) is printed before a time limit can cut the run.
 step tests "${T_TESTS:-240}" python3 -m pytest -q -p no:cacheprovider -rfE -x -n "${WORKERS:-8}" \
-  tests/test_feedback.py tests/test_device_data.py tests/test_training_speed.py \
-  tests/test_fa_theory.py tests/test_detect_training.py tests/test_scale_training.py \
+  tests/test_cuda_graph.py tests/test_feedback.py tests/test_device_data.py \
+  tests/test_training_speed.py tests/test_fa_theory.py tests/test_detect_training.py tests/test_scale_training.py \
   tests/test_metrics_models.py tests/test_trainer.py
-step epoch_time "${T_EPOCH:-200}" python3 benchmarks/epoch_time.py --device cuda \
-  --compile reduce-overhead --eager-bp
+step epoch_time "${T_EPOCH:-150}" python3 benchmarks/epoch_time.py --device cuda --cuda-graph \
+  --eager-bp
 step scale "${T_SCALE:-120}" python3 benchmarks/scale_throughput.py --rounds 5
 step retinanet "${T_RETINANET:-150}" python3 benchmarks/scale_throughput.py --models retinanet \
   --settings fp32 amp --steps 2 --rounds 2
