@@ -11,6 +11,9 @@ spiking phase's own wall time and its share of the epoch (with ``--rdd-overlap``
 beside the epoch, so this "share" may pass 100%; only the wait for it is in the epoch's time), and
 the ratio to bp.
 
+``--compile MODE``, ``--cuda-graph``, ``--amp`` and ``--channels-last`` pass the trainer's flag to
+every variant (``--eager-bp`` adds bp without compile or graph, for comparison).
+
 Variants: bp, fa, usf, frsf, rdd, and rdd-overlap (``--rdd-overlap``: the phase for epoch e+1 runs
 in the background during epoch e). Goals on one H100: bp <= 3 s; fa, usf, frsf <= 1.10x bp;
 rdd-overlap <= 1.25x bp.
@@ -89,6 +92,9 @@ def measure(
         wanted["compile"] = compile_mode
     if cuda_graph:
         wanted["cuda_graph"] = True
+    for name in ("amp", "channels_last"):
+        if getattr(args, name):
+            wanted[name] = True
     if args.workers is not None:
         wanted["workers"] = args.workers
     missing = sorted(name for name, value in wanted.items() if name not in known and value)
@@ -125,8 +131,9 @@ def run_baseline(args: argparse.Namespace, data_dir: Path) -> list[dict]:
             command += [f"--{name.replace('_', '-')}", str(value)]
     if args.compile != "off":
         command += ["--compile", args.compile]
-    if args.cuda_graph:
-        command += ["--cuda-graph"]
+    for flag in ("cuda_graph", "amp", "channels_last"):
+        if getattr(args, flag):
+            command += [f"--{flag.replace('_', '-')}"]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -175,6 +182,10 @@ def main() -> None:
         action="store_true",
         help="the trainer's --cuda-graph for every variant (whole step as one CUDA graph)",
     )
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast for every variant")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="channels_last for every variant"
+    )
     parser.add_argument(
         "--eager-bp",
         action="store_true",
@@ -209,8 +220,9 @@ def main() -> None:
             f"{device_name(args.device)}; torch {torch.__version__}; {args.train_size} training "
             f"and {args.test_size} test images 1x28x28 (idx files written in "
             f"{time.perf_counter() - start:.1f} s), batch {args.batch_size}, compile "
-            f"{args.compile}, cuda graph {'on' if args.cuda_graph else 'off'}, epoch "
-            f"{args.epochs} of each run reported",
+            f"{args.compile}, cuda graph {'on' if args.cuda_graph else 'off'}, amp "
+            f"{'on' if args.amp else 'off'}, channels_last "
+            f"{'on' if args.channels_last else 'off'}, epoch {args.epochs} of each run reported",
             flush=True,
         )
         runs = [(variant, args.compile, args.cuda_graph) for variant in variants]
