@@ -77,6 +77,18 @@ def test_window_outcomes_match_definition():
     assert np.allclose(sums[1], 2 * expected)
 
 
+
+def test_outcome_sums_from_a_given_cumulative_sum_are_identical():
+    # OLSEstimator.add computes the cumulative sum once for the sums and the residuals
+    windows, q, _ = synthetic(3, 4, 5, np.zeros((3, 4)), 0.0, 0.0, 0.3)
+    q = np.random.default_rng(2).normal(size=q.shape)
+    weights = np.random.default_rng(3).uniform(size=(2, len(windows)))
+    own = outcome_sums(windows, weights, windows.neuron, 3, q, 0, DT)
+    given = outcome_sums(windows, weights, windows.neuron, 3, q, 0, DT, np.cumsum(q, axis=0))
+    assert np.array_equal(own, given)
+    wrong = outcome_sums(windows, weights, windows.neuron, 3, q, 0, DT, np.cumsum(2 * q, axis=0))
+    assert not np.allclose(own, wrong)  # the given cumulative sum is the one used
+
 def test_filtered_spikes_is_the_kernel_convolution():
     p = LIFParams()
     times = np.array([0.005, 0.012, 0.013, 0.030])
@@ -356,6 +368,32 @@ def test_adjusted_standard_errors_match_direct_least_squares_of_adjusted_outcome
     assert np.allclose(estimator.beta(), jump, rtol=1e-4, atol=1e-8)
     assert np.allclose(estimator.standard_errors(), se, rtol=1e-4)
 
+
+
+def test_residual_variance_is_skipped_until_the_standard_errors_count():
+    # below se_min_steps_per_neuron the SEs are infinite whatever sigma^2 is, so add() skips it;
+    # the segment that crosses the limit estimates sigma^2 itself (from its own windows only)
+    windows, q, activity, beta = adjusted_case(seed=3, n_in=8, per_neuron=60)
+    half = len(q) // 2
+    segments = []
+    for start, stop in ((0, half), (half, len(q))):
+        inside = (windows.start >= start * DT) & (windows.end < stop * DT)
+        segments.append((Windows(*(getattr(windows, f)[inside] for f in FIELDS)), start, stop))
+    limit = 0.75 * len(q) / beta.shape[0]  # steps per driven neuron: reached by the second
+    gated = OLSEstimator(*beta.shape, RDDParams(se_min_steps_per_neuron=limit))
+    always = OLSEstimator(*beta.shape, RDDParams(se_min_steps_per_neuron=0.0))
+    for number, (part, start, stop) in enumerate(segments):
+        for estimator in (gated, always):
+            first = max(start - 50, 0)
+            estimator.add(
+                part, q[first:stop], first, DT, activity=activity[first:stop], since_step=start
+            )
+        if number == 0:
+            assert np.all(np.isnan(gated.residual_var))  # skipped
+            assert np.all(np.isinf(gated.standard_errors()))
+            assert np.all(np.isfinite(always.standard_errors()))
+    assert np.all(np.isfinite(gated.standard_errors()))
+    assert np.array_equal(gated.standard_errors(), always.standard_errors())
 
 def test_standard_errors_are_calibrated_over_segments():
     # (beta_hat - beta) / se is standard normal: the errors match the stated uncertainty
