@@ -135,9 +135,7 @@ def main() -> None:
                     f"--duration={args.duration}",
                     f"--seed={args.seed}",
                 ]
-                done = subprocess.run(
-                    command, env=env, capture_output=True, text=True, cwd="/"
-                )
+                done = subprocess.run(command, env=env, capture_output=True, text=True, cwd="/")
                 if done.returncode != 0:
                     if "unknown schedule" in done.stderr or "schedule" in done.stderr:
                         continue  # a tree without this schedule

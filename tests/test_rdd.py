@@ -77,7 +77,6 @@ def test_window_outcomes_match_definition():
     assert np.allclose(sums[1], 2 * expected)
 
 
-
 def test_outcome_sums_from_a_given_cumulative_sum_are_identical():
     # OLSEstimator.add computes the cumulative sum once for the sums and the residuals
     windows, q, _ = synthetic(3, 4, 5, np.zeros((3, 4)), 0.0, 0.0, 0.3)
@@ -88,6 +87,7 @@ def test_outcome_sums_from_a_given_cumulative_sum_are_identical():
     assert np.array_equal(own, given)
     wrong = outcome_sums(windows, weights, windows.neuron, 3, q, 0, DT, np.cumsum(2 * q, axis=0))
     assert not np.allclose(own, wrong)  # the given cumulative sum is the one used
+
 
 def test_filtered_spikes_is_the_kernel_convolution():
     p = LIFParams()
@@ -369,7 +369,6 @@ def test_adjusted_standard_errors_match_direct_least_squares_of_adjusted_outcome
     assert np.allclose(estimator.standard_errors(), se, rtol=1e-4)
 
 
-
 def test_residual_variance_is_skipped_until_the_standard_errors_count():
     # below se_min_steps_per_neuron the SEs are infinite whatever sigma^2 is, so add() skips it;
     # the segment that crosses the limit estimates sigma^2 itself (from its own windows only)
@@ -394,6 +393,7 @@ def test_residual_variance_is_skipped_until_the_standard_errors_count():
             assert np.all(np.isfinite(always.standard_errors()))
     assert np.all(np.isfinite(gated.standard_errors()))
     assert np.array_equal(gated.standard_errors(), always.standard_errors())
+
 
 def test_standard_errors_are_calibrated_over_segments():
     # (beta_hat - beta) / se is standard normal: the errors match the stated uncertainty
