@@ -425,6 +425,34 @@ def test_predicted_sign_agreement_matches_the_truth_without_seeing_it(noise):
     assert predicted_sign_agreement(estimate, half) == pytest.approx(expected, abs=1.0)
 
 
+def test_mixture_weights_reach_the_maximum_likelihood():
+    # mix-SQP against a general bound-constrained optimiser on the same convex problem
+    from scipy.optimize import minimize
+
+    from spikealign.rdd import _component, _mixture_weights, _prior_grid
+
+    rng = np.random.default_rng(11)
+    truth = rng.uniform(-1, 1, 5000) * (rng.random(5000) < 0.7)  # a point mass at 0 too
+    se = rng.uniform(0.2, 0.6, truth.size)
+    estimate = truth + se * rng.normal(size=truth.size)
+    densities = np.array([_component(estimate, se, a)[0] for a in _prior_grid(estimate, se)])
+    likelihood = densities / densities.max(0)
+
+    def objective(x):
+        mixture = x @ likelihood
+        return -np.mean(np.log(mixture)) + x.sum(), 1.0 - (likelihood / mixture).mean(1)
+
+    weights = _mixture_weights(likelihood)
+    assert weights.min() >= 0 and weights.sum() == pytest.approx(1.0)
+    start = np.full(len(likelihood), 1.0 / len(likelihood))
+    bounds = [(0.0, None)] * len(likelihood)
+    options = {"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12}
+    reference = minimize(objective, start, jac=True, bounds=bounds, options=options)
+    assert objective(weights)[0] <= reference.fun + 1e-12
+    gradient = objective(weights)[1]
+    assert gradient.min() > -1e-7  # KKT: no component would raise the likelihood
+
+
 def test_stopping_rule_stops_on_a_known_jump_and_not_on_noise():
     beta = np.random.default_rng(10).choice([-1.0, 1.0], size=(30, 4)) * 0.5
     for jump, stops in ((beta, True), (np.zeros_like(beta), False)):
