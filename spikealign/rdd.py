@@ -723,7 +723,12 @@ def predicted_sign_agreement(beta: np.ndarray, se: np.ndarray, max_fit: int = 50
     grid = _prior_grid(b, s)
     densities, right_sign = zip(*(_component(b, s, a) for a in grid), strict=True)
     densities, right_sign = np.array(densities), np.array(right_sign)
-    weights = _mixture_weights(densities / np.maximum(densities.max(0), 1e-300))
+    # one BLAS thread: the products are small, and the phase runs this while the next segment's
+    # simulation holds a core (a BLAS team spinning against it took seconds instead of 0.1 s)
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        weights = _mixture_weights(densities / np.maximum(densities.max(0), 1e-300))
     posterior = weights[:, None] * densities
     right = (posterior * right_sign).sum(0) / np.maximum(posterior.sum(0), 1e-300)
     return 100.0 * (right.mean() * known.sum() + 0.5 * (~known).sum()) / len(beta)
