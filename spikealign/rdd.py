@@ -179,17 +179,19 @@ def outcome_sums(
     q: np.ndarray,
     first_step: int,
     dt: float,
+    cumulative: np.ndarray | None = None,
 ) -> np.ndarray:
     """sum over windows w with rows[w] == r of weights[s, w] * dR_w, for every set s and row r.
 
     ``weights`` is (n_sets, n_windows); the result is (n_sets, n_rows, N_k). dR_w =
     (C(end) - C(start)) / length - q(start), with C the cumulative sum of q over steps, computed
-    once for all sets.
+    once for all sets (pass ``cumulative`` = ``np.cumsum(q, axis=0)`` when the caller has it).
     """
     weights = np.atleast_2d(weights)
     n_sets, n_steps = len(weights), q.shape[0]
     start, end, length = window_steps(windows, first_step, n_steps, dt)
-    cumulative = np.cumsum(q, axis=0)  # C(n) = q(0) + ... + q(n), so q(n) = C(n) - C(n - 1)
+    if cumulative is None:
+        cumulative = np.cumsum(q, axis=0)  # C(n) = q(0) + ... + q(n), so q(n) = C(n) - C(n - 1)
     # one sparse matrix (in CSC form: each row of C is read once) picks, per window and set,
     # +C(end)/L - C(start)/L - C(start) + C(start - 1), which is the window's dR
     set_rows = (np.arange(n_sets)[:, None] * n_rows + rows[None, :]).ravel()
@@ -263,7 +265,8 @@ class OLSEstimator:
         activity: np.ndarray | None = None,
         since_step: int | None = None,
     ) -> None:
-        """Add the windows of one segment, then re-estimate sigma^2 from them.
+        """Add the windows of one segment, then re-estimate sigma^2 from them (only once the
+        standard errors count, :meth:`_se_usable`).
 
         ``q`` is the filtered activity of the layer above from ``first_step`` on. With
         ``ols_adjust``, ``activity`` is ``kappa * kappa * s_j`` of the driven layer over the same
@@ -289,12 +292,25 @@ class OLSEstimator:
         for column, values in enumerate((weight, weight * x, weight * x * x)):
             np.add.at(self.scalar[..., column].reshape(-1), rows, values)
             np.add.at(self.scalar_sq[..., column].reshape(-1), rows, weight * values)
-        sums = outcome_sums(windows, [weight, weight * x], rows, 2 * self.n_in, q, first_step, dt)
+        # the cumulative sums over steps serve the outcome sums and the residuals: computed once
+        cumulative_q = np.cumsum(q, axis=0)
+        sums = outcome_sums(
+            windows, [weight, weight * x], rows, 2 * self.n_in, q, first_step, dt, cumulative_q
+        )
         self.sum_y += sums[0].reshape(2, self.n_in, self.n_out)
         self.sum_xy += sums[1].reshape(2, self.n_in, self.n_out)
+        cumulative_a = None
         if self.params.ols_adjust:
+            cumulative_a = np.cumsum(activity, axis=0)
             covariates = outcome_sums(
-                windows, [weight, weight * x], rows, 2 * self.n_in, activity, first_step, dt
+                windows,
+                [weight, weight * x],
+                rows,
+                2 * self.n_in,
+                activity,
+                first_step,
+                dt,
+                cumulative_a,
             )
             self.covariate_y += covariates[0].reshape(2, self.n_in, self.n_in)
             self.covariate_xy += covariates[1].reshape(2, self.n_in, self.n_in)
@@ -307,7 +323,17 @@ class OLSEstimator:
             self.sum_q += b.sum(0)
             self.sum_aa += a.T @ a
             self.sum_aq += a.T @ b
-        self._update_residual_var(windows, weight, side, q, first_step, dt, activity)
+        if self._se_usable():  # else standard_errors is inf whatever sigma^2 is: skip it
+            cumulatives = (cumulative_q, activity, cumulative_a)
+            self._update_residual_var(windows, weight, side, q, first_step, dt, cumulatives)
+
+    def _se_usable(self) -> bool:
+        """Whether the standard errors count: with ``ols_adjust`` only once the adjustment's
+        regression has ``se_min_steps_per_neuron`` time steps per driven neuron (before, its
+        in-sample fit hides noise and sigma^2 comes out too small; module docstring)."""
+        if not self.params.ols_adjust:
+            return True
+        return bool(self.steps >= self.params.se_min_steps_per_neuron * self.n_in)
 
     def effects_of_driven(self) -> np.ndarray:
         """(n_in, n_out) least-squares coefficients of q_k on every driven neuron's activity.
@@ -396,7 +422,7 @@ class OLSEstimator:
             + factor_control[:, None] * self.residual_var[1][None, :]
         )
         usable = has[:, None] & np.isfinite(variance) & (variance > 0)
-        if self.params.ols_adjust and self.steps < self.params.se_min_steps_per_neuron * self.n_in:
+        if not self._se_usable():
             usable[:] = False  # the adjustment still overfits: sigma^2 is too small to trust
         return np.where(usable, np.sqrt(np.where(usable, variance, 1.0)), np.inf)
 
@@ -472,10 +498,13 @@ class OLSEstimator:
             factor[rows] = groups[s].residual_factor(index, x[rows], weight[rows])
         return fitted, factor
 
-    def _update_residual_var(self, windows, weight, side, q, first_step, dt, activity) -> None:
+    def _update_residual_var(self, windows, weight, side, q, first_step, dt, cumulatives) -> None:
         """sigma^2 per (side, k) from this segment's windows about the current lines:
         sum e_w^2 / sum (1 - 2 H_ww + (H H^T)_ww), unbiased for any fixed window weights. An even
-        subsample of ``_RESIDUAL_WINDOWS`` windows is plenty (a few % on sigma^2)."""
+        subsample of ``_RESIDUAL_WINDOWS`` windows is plenty (a few % on sigma^2). ``cumulatives``:
+        the cumulative sum of q over steps, the activity and its cumulative sum, from :meth:`add`.
+        """
+        cumulative_q, activity, cumulative_a = cumulatives
         use = np.flatnonzero(weight > 0)
         if len(use) == 0 or (self.params.ols_pooled and self._pooled_fit() is None):
             return  # no windows, or no control line yet
@@ -483,11 +512,11 @@ class OLSEstimator:
         use = use[np.unique(sample)]
         start, end, length = window_steps(windows, first_step, q.shape[0], dt)
         start, end, length, neuron = start[use], end[use], length[use], windows.neuron[use]
-        outcome = _outcomes(q, np.cumsum(q, axis=0), start, end, length)
+        outcome = _outcomes(q, cumulative_q, start, end, length)
         if self.params.ols_adjust:
             # the adjusted outcome dR'_w = dR_w - sum_{j != i} dA_wj gamma_jk (module docstring)
             effects = self.effects_of_driven()
-            covariates = _outcomes(activity, np.cumsum(activity, axis=0), start, end, length)
+            covariates = _outcomes(activity, cumulative_a, start, end, length)
             outcome -= covariates @ effects
             outcome += covariates[np.arange(len(use)), neuron][:, None] * effects[neuron]
         fitted, factor = self._fitted_and_factor(neuron, windows.u_max[use], side[use], weight[use])
@@ -694,27 +723,61 @@ def predicted_sign_agreement(beta: np.ndarray, se: np.ndarray, max_fit: int = 50
     grid = _prior_grid(b, s)
     densities, right_sign = zip(*(_component(b, s, a) for a in grid), strict=True)
     densities, right_sign = np.array(densities), np.array(right_sign)
-    weights = _mixture_weights(densities / np.maximum(densities.max(0), 1e-300))
+    # one BLAS thread: the products are small, and the phase runs this while the next segment's
+    # simulation holds a core (a BLAS team spinning against it took seconds instead of 0.1 s)
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        weights = _mixture_weights(densities / np.maximum(densities.max(0), 1e-300))
     posterior = weights[:, None] * densities
     right = (posterior * right_sign).sum(0) / np.maximum(posterior.sum(0), 1e-300)
     return 100.0 * (right.mean() * known.sum() + 0.5 * (~known).sum()) / len(beta)
 
 
-def _mixture_weights(likelihood: np.ndarray) -> np.ndarray:
+def _mixture_weights(likelihood: np.ndarray, tol: float = 1e-10) -> np.ndarray:
     """Maximum-likelihood mixture weights pi (on the simplex) of components x samples densities:
-    maximise mean log(sum_m pi_m L_mn). EM converges slowly here; instead L-BFGS-B minimises the
-    convex ``-mean log(L x) + sum x`` over x >= 0, whose minimum has sum x = 1 and is the MLE
-    (the KKT conditions of the two problems coincide; as in mix-SQP, Kim et al. 2020)."""
-    from scipy.optimize import minimize
+    maximise mean log(sum_m pi_m L_mn). EM converges slowly here; instead minimise the convex
+    ``f(x) = -mean log(L x) + sum x`` over x >= 0, whose minimum has sum x = 1 and is the MLE (the
+    KKT conditions of the two problems coincide), by sequential quadratic programming (mix-SQP,
+    Kim et al. 2020): with ``r_mn = L_mn / (L x)_n``, gradient ``g = 1 - mean_n r_n`` and Hessian
+    ``H = mean_n r_n r_n^T``, each step solves ``min_y g^T (y - x) + (y - x)^T H (y - x) / 2``
+    over y >= 0 (a non-negative least squares problem in the Cholesky factor of H) and backtracks
+    along y - x. It stops once g >= -tol and x^T g <= tol (then f is within tol of its minimum)
+    or the step promises less than 1e-14 decrease (rounding), in about 10 steps where L-BFGS-B
+    took hundreds of evaluations."""
+    from scipy.optimize import nnls
+
+    n_components, n_samples = likelihood.shape
 
     def objective(x):
-        mixture = np.maximum(x @ likelihood, 1e-300)
-        return -np.mean(np.log(mixture)) + x.sum(), 1.0 - (likelihood / mixture).mean(1)
+        return -np.mean(np.log(np.maximum(x @ likelihood, 1e-300))) + x.sum()
 
-    start = np.full(len(likelihood), 1.0 / len(likelihood))
-    bounds = [(0.0, None)] * len(likelihood)
-    options = {"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10}
-    x = minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds, options=options).x
+    x = np.full(n_components, 1.0 / n_components)
+    value = objective(x)
+    for _ in range(200):
+        ratio = likelihood / np.maximum(x @ likelihood, 1e-300)
+        gradient = 1.0 - ratio.mean(1)
+        # with g >= 0, f(x) - min f <= x^T g (convexity): stop at a duality gap below tol
+        if gradient.min() >= -tol and x @ gradient <= tol:
+            break
+        hessian = ratio @ ratio.T / n_samples
+        # components of (nearly) equal shape make H singular: a tiny ridge keeps it factorisable
+        ridge = 1e-10 * max(np.trace(hessian) / n_components, 1e-300)
+        upper = np.linalg.cholesky(hessian + ridge * np.eye(n_components)).T  # H = U^T U
+        # 1/2 y^T H y + (g - H x)^T y = 1/2 |U y - d|^2 + const with U^T d = H x - g
+        target = np.linalg.solve(upper.T, hessian @ x - gradient)
+        direction = nnls(upper, target)[0] - x
+        decrease, step = gradient @ direction, 1.0
+        if decrease > -1e-14:  # the model promises no decrease beyond rounding: converged
+            break
+        while step > 1e-12:  # backtracking (Armijo) line search
+            candidate = objective(x + step * direction)
+            if candidate <= value + 1e-4 * step * decrease:
+                break
+            step /= 2
+        else:
+            break  # no decrease left at floating-point precision
+        x, value = np.maximum(x + step * direction, 0.0), candidate
     return x / max(x.sum(), 1e-300)
 
 

@@ -77,6 +77,18 @@ def test_window_outcomes_match_definition():
     assert np.allclose(sums[1], 2 * expected)
 
 
+def test_outcome_sums_from_a_given_cumulative_sum_are_identical():
+    # OLSEstimator.add computes the cumulative sum once for the sums and the residuals
+    windows, q, _ = synthetic(3, 4, 5, np.zeros((3, 4)), 0.0, 0.0, 0.3)
+    q = np.random.default_rng(2).normal(size=q.shape)
+    weights = np.random.default_rng(3).uniform(size=(2, len(windows)))
+    own = outcome_sums(windows, weights, windows.neuron, 3, q, 0, DT)
+    given = outcome_sums(windows, weights, windows.neuron, 3, q, 0, DT, np.cumsum(q, axis=0))
+    assert np.array_equal(own, given)
+    wrong = outcome_sums(windows, weights, windows.neuron, 3, q, 0, DT, np.cumsum(2 * q, axis=0))
+    assert not np.allclose(own, wrong)  # the given cumulative sum is the one used
+
+
 def test_filtered_spikes_is_the_kernel_convolution():
     p = LIFParams()
     times = np.array([0.005, 0.012, 0.013, 0.030])
@@ -357,6 +369,32 @@ def test_adjusted_standard_errors_match_direct_least_squares_of_adjusted_outcome
     assert np.allclose(estimator.standard_errors(), se, rtol=1e-4)
 
 
+def test_residual_variance_is_skipped_until_the_standard_errors_count():
+    # below se_min_steps_per_neuron the SEs are infinite whatever sigma^2 is, so add() skips it;
+    # the segment that crosses the limit estimates sigma^2 itself (from its own windows only)
+    windows, q, activity, beta = adjusted_case(seed=3, n_in=8, per_neuron=60)
+    half = len(q) // 2
+    segments = []
+    for start, stop in ((0, half), (half, len(q))):
+        inside = (windows.start >= start * DT) & (windows.end < stop * DT)
+        segments.append((Windows(*(getattr(windows, f)[inside] for f in FIELDS)), start, stop))
+    limit = 0.75 * len(q) / beta.shape[0]  # steps per driven neuron: reached by the second
+    gated = OLSEstimator(*beta.shape, RDDParams(se_min_steps_per_neuron=limit))
+    always = OLSEstimator(*beta.shape, RDDParams(se_min_steps_per_neuron=0.0))
+    for number, (part, start, stop) in enumerate(segments):
+        for estimator in (gated, always):
+            first = max(start - 50, 0)
+            estimator.add(
+                part, q[first:stop], first, DT, activity=activity[first:stop], since_step=start
+            )
+        if number == 0:
+            assert np.all(np.isnan(gated.residual_var))  # skipped
+            assert np.all(np.isinf(gated.standard_errors()))
+            assert np.all(np.isfinite(always.standard_errors()))
+    assert np.all(np.isfinite(gated.standard_errors()))
+    assert np.array_equal(gated.standard_errors(), always.standard_errors())
+
+
 def test_standard_errors_are_calibrated_over_segments():
     # (beta_hat - beta) / se is standard normal: the errors match the stated uncertainty
     beta = np.random.default_rng(8).normal(size=(60, 4))
@@ -385,6 +423,34 @@ def test_predicted_sign_agreement_matches_the_truth_without_seeing_it(noise):
         predicted_sign_agreement(estimate[: truth.size // 2], se[: truth.size // 2]) + 50
     ) / 2
     assert predicted_sign_agreement(estimate, half) == pytest.approx(expected, abs=1.0)
+
+
+def test_mixture_weights_reach_the_maximum_likelihood():
+    # mix-SQP against a general bound-constrained optimiser on the same convex problem
+    from scipy.optimize import minimize
+
+    from spikealign.rdd import _component, _mixture_weights, _prior_grid
+
+    rng = np.random.default_rng(11)
+    truth = rng.uniform(-1, 1, 5000) * (rng.random(5000) < 0.7)  # a point mass at 0 too
+    se = rng.uniform(0.2, 0.6, truth.size)
+    estimate = truth + se * rng.normal(size=truth.size)
+    densities = np.array([_component(estimate, se, a)[0] for a in _prior_grid(estimate, se)])
+    likelihood = densities / densities.max(0)
+
+    def objective(x):
+        mixture = x @ likelihood
+        return -np.mean(np.log(mixture)) + x.sum(), 1.0 - (likelihood / mixture).mean(1)
+
+    weights = _mixture_weights(likelihood)
+    assert weights.min() >= 0 and weights.sum() == pytest.approx(1.0)
+    start = np.full(len(likelihood), 1.0 / len(likelihood))
+    bounds = [(0.0, None)] * len(likelihood)
+    options = {"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12}
+    reference = minimize(objective, start, jac=True, bounds=bounds, options=options)
+    assert objective(weights)[0] <= reference.fun + 1e-12
+    gradient = objective(weights)[1]
+    assert gradient.min() > -1e-7  # KKT: no component would raise the likelihood
 
 
 def test_stopping_rule_stops_on_a_known_jump_and_not_on_noise():
