@@ -20,8 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spikealign import feedback, models
+from spikealign import feedback, models, spikelog
 from spikealign.errors import UserError
+from spikealign.phase_process import PhaseProcess
 from spikealign.trainer import TrainConfig, classify, epoch_seed
 from tests.test_data import write_fashion_mnist
 
@@ -312,3 +313,64 @@ def test_an_interrupted_epoch_stops_the_background_phase(recording, tmp_path, mo
     assert not multiprocessing.active_children()
     (worker,) = set(recording["phase"].pids) - {os.getpid()}  # ran epoch 2's phase
     assert process_gone(worker)
+
+
+class InProcessPhase:
+    """PhaseProcess's stand-in with the thread version's computation: the trainer's own phase
+    object runs on the same matrices in this process (at start: timing cannot matter)."""
+
+    def start(self, phase, weights, feedbacks, log_path):
+        start = time.perf_counter()
+        result = phase.run(weights=weights, feedbacks=feedbacks, log_path=log_path)
+        self.job = (result.feedbacks, time.perf_counter() - start)
+
+    def result(self, phase):
+        return self.job
+
+    def close(self, stop=False):
+        pass
+
+
+def test_overlapped_phases_in_their_process_equal_phases_run_in_the_trainer(tmp_path, monkeypatch):
+    """The real FeedbackPhase (Brian2): feedback, estimator state, metrics and logs of an
+    overlapped run are those of the same run with its phases run in the trainer's process."""
+    config = TrainConfig(**SMALL, rule="rdd", epochs=2, rdd_time=0.6, rdd_overlap=True)
+    rows = classify.train(config, tmp_path / "process", progress=False)
+    monkeypatch.setattr(classify, "PhaseProcess", InProcessPhase)
+    reference = classify.train(config, tmp_path / "trainer", progress=False)
+    assert without_times(rows) == without_times(reference)
+    ours, theirs = (
+        torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        for name in ("process", "trainer")
+    )
+    assert state_equal(ours["model"], theirs["model"])
+    assert state_equal(ours["phase"], theirs["phase"])  # estimator state came back exactly
+    pending = [ours["pending_phase"], theirs["pending_phase"]]
+    assert pending[0]["epoch"] == pending[1]["epoch"] == 3
+    assert all(map(torch.equal, pending[0]["feedbacks"], pending[1]["feedbacks"]))
+    for epoch in (1, 2, 3):  # 2 and 3 written by the phase process
+        logs = [
+            tmp_path / name / "spikes" / f"epoch_{epoch:03d}.h5" for name in ("process", "trainer")
+        ]
+        with spikelog.open_log(logs[0]) as log, spikelog.open_log(logs[1]) as reference_log:
+            assert log.complete and log.spike_count(0) == reference_log.spike_count(0) > 0
+            for layer in ("fc1", "fc2", "fc3"):
+                ours_y, theirs_y = log.weights(layer), reference_log.weights(layer)
+                assert np.array_equal(ours_y["Y_after"], theirs_y["Y_after"]), (epoch, layer)
+
+
+def test_a_user_error_in_the_phase_process_is_raised_as_is():
+    from spikealign.phase import FeedbackPhase, PhaseConfig
+
+    phase = FeedbackPhase([6, 4, 2], PhaseConfig(duration=2.0), progress=False)
+    wrong = [np.zeros((4, 5)), np.zeros((2, 4))]  # fc1 takes 6 inputs
+    with pytest.raises(UserError) as in_trainer:
+        phase.run(wrong)
+    process = PhaseProcess()
+    try:
+        process.start(phase, wrong, None, None)
+        with pytest.raises(UserError) as in_process:
+            process.result(phase)
+    finally:
+        process.close()
+    assert str(in_process.value) == str(in_trainer.value)
