@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +29,7 @@ from spikealign.phase_process import PhaseProcess
 from spikealign.trainer import TrainConfig, classify, epoch_seed
 from tests.test_data import write_fashion_mnist
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(dataset="digits", limit_train=128, limit_test=64, batch_size=32, device="cpu")
 
 
@@ -374,3 +378,44 @@ def test_a_user_error_in_the_phase_process_is_raised_as_is():
     finally:
         process.close()
     assert str(in_process.value) == str(in_trainer.value)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_the_phase_process_ends_when_the_trainer_is_killed(tmp_path):
+    # a trainer whose phase takes a minute, killed with SIGKILL (no Python code of it runs)
+    code = (
+        "import multiprocessing, time, numpy as np\n"
+        "from spikealign.phase_process import PhaseProcess\n"
+        "from spikealign.trainer import epoch_seed\n"
+        "from tests.test_training_speed import RecordingPhase, _Config\n"
+        "phase = RecordingPhase([2, 2], _Config(seed=epoch_seed(0, 1), epochs=1, slow_at=1))\n"
+        "process = PhaseProcess()\n"
+        "process.start(phase, [np.zeros((2, 2))], [np.zeros((2, 2))], None)\n"
+        "while not multiprocessing.active_children(): time.sleep(0.05)\n"
+        "print(multiprocessing.active_children()[0].pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        worker = int(trainer.stdout.readline())
+        time.sleep(2)  # the job has begun (or is about to)
+        assert _alive(worker)
+    finally:
+        trainer.kill()
+        trainer.wait()
+        trainer.stdout.close()
+    deadline = time.monotonic() + 15
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
