@@ -31,10 +31,12 @@ Speed (docs/training.md): datasets held in memory go onto the training device on
 are shuffled, cropped, flipped and normalised there in whole batches (:mod:`spikealign.device_data`;
 ``loader``); the optimiser is fused SGD on CUDA; losses and errors stay on the device until the end
 of a pass; ``compile`` runs forward and backward through ``torch.compile``. With ``rdd_overlap``
-the spiking phase for epoch e+1 runs in a background thread during epoch e, from the fc weights and
-feedback at the start of epoch e (one epoch staler than the paper's schedule, where it sees the
-weights at the end of epoch e); its feedback is applied at the start of epoch e+1, as without
-overlap. The phase before epoch 1 runs before it, as usual.
+the spiking phase for epoch e+1 runs in a separate process during epoch e
+(:class:`spikealign.phase_process.PhaseProcess`; a thread would share the interpreter lock with
+the training loop), from the fc weights and feedback at the start of epoch e (one epoch staler
+than the paper's schedule, where it sees the weights at the end of epoch e); its feedback is
+applied at the start of epoch e+1, as without overlap. The phase before epoch 1 runs before it,
+in this process, as usual.
 
 The epoch loop, checkpoints, exact resume and the run directory are
 :mod:`spikealign.trainer.loop`'s; several processes under ``torchrun`` are
@@ -49,7 +51,6 @@ import functools
 import math
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,6 +64,7 @@ from tqdm.auto import tqdm
 
 from spikealign import conservation, data, device_data, feedback, metrics, models
 from spikealign.errors import UserError
+from spikealign.phase_process import PhaseProcess
 from spikealign.trainer import distributed, graphs, loop
 from spikealign.trainer.config import (
     ALIGNMENT_KEYS,
@@ -198,35 +200,6 @@ class PendingFeedback:
     wall_s: float  # the phase's own wall time
 
 
-class _BackgroundPhase:
-    """``simulate(*args)`` in a thread; :meth:`result` waits and re-raises its error here.
-
-    A thread suffices: the phase's simulation is a separate program and its estimation mostly
-    numpy, both outside the GIL, while the training loop waits on the device.
-    """
-
-    def __init__(self, simulate, *args):
-        self._result = self._error = None
-
-        def target():
-            try:
-                self._result = simulate(*args)
-            except BaseException as err:  # handed to the training thread
-                self._error = err
-
-        self._thread = threading.Thread(target=target, name="spiking-phase", daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> PendingFeedback:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-
 class Training(loop.EpochLoop):
     """State of one run: data, model, optimiser, spiking phase, history. Use :func:`train`."""
 
@@ -306,8 +279,10 @@ class Training(loop.EpochLoop):
         self.conservation = (
             conservation.DriftTracker(self.model) if config.track_conservation else None
         )
-        #: rdd_overlap: the phase running in the background, and the finished one's result
-        self.background: _BackgroundPhase | None = None
+        #: rdd_overlap: the process running the phases, started with the first one it runs
+        self.phase_process: PhaseProcess | None = None
+        #: rdd_overlap: the epoch whose phase runs in the background, and the finished one's result
+        self.background_epoch: int | None = None
         self.pending: PendingFeedback | None = None
 
     def _graphed_pass(self) -> graphs.GraphedPass:
@@ -463,11 +438,16 @@ class Training(loop.EpochLoop):
         feedbacks = [layer.feedback.detach().cpu().double().numpy() for layer in layers]
         return weights, feedbacks
 
-    def _simulate_phase(self, epoch: int, weights, feedbacks) -> PendingFeedback:
-        """Run the phase before ``epoch`` (rank 0) from the given matrices; nothing is applied."""
+    def _prepare_phase(self, epoch: int) -> Path:
+        """Seed the phase for ``epoch``; returns its spike log path (its directory made)."""
         self.phase.config = replace(self.phase.config, seed=epoch_seed(self.config.seed, epoch))
         log_path = spike_log_path(self.out_dir, epoch)
         log_path.parent.mkdir(exist_ok=True)
+        return log_path
+
+    def _simulate_phase(self, epoch: int, weights, feedbacks) -> PendingFeedback:
+        """Run the phase before ``epoch`` (rank 0) from the given matrices; nothing is applied."""
+        log_path = self._prepare_phase(epoch)
         start = time.perf_counter()
         result = self.phase.run(weights=weights, feedbacks=feedbacks, log_path=log_path)
         feedbacks = [torch.from_numpy(np.asarray(f)) for f in result.feedbacks]
@@ -527,17 +507,27 @@ class Training(loop.EpochLoop):
         # as an uninterrupted longer run.
         if not self._phase_due(epoch + 1):
             return
-        self.phase.progress = False  # its bar would cut through the epoch's
-        self.background = _BackgroundPhase(self._simulate_phase, epoch + 1, *self._phase_inputs())
+        if self.phase_process is None:  # kept for the run: its imports and program load once
+            self.phase_process = PhaseProcess()
+        log_path = self._prepare_phase(epoch + 1)
+        self.phase_process.start(self.phase, *self._phase_inputs(), log_path)
+        self.background_epoch = epoch + 1
 
     def _finish_background_phase(self, keep: bool = True) -> None:
-        """Wait for the background phase; keep its feedback for the next epoch (or drop it)."""
-        if self.background is not None:
-            background, self.background = self.background, None
-            if keep:
-                self.pending = background.result()
-            else:
-                background.wait()
+        """Wait for the background phase and keep its feedback for the next epoch; without
+        ``keep`` (the epoch failed) stop it and end the phase process."""
+        epoch, self.background_epoch = self.background_epoch, None
+        if not keep:
+            self._close_phase_process(stop=True)
+        elif epoch is not None:
+            feedbacks, wall_s = self.phase_process.result(self.phase)  # loads the phase's state
+            feedbacks = [torch.from_numpy(np.asarray(f)) for f in feedbacks]
+            self.pending = PendingFeedback(epoch, feedbacks, wall_s)
+
+    def _close_phase_process(self, stop: bool = False) -> None:
+        if self.phase_process is not None:
+            phase_process, self.phase_process = self.phase_process, None
+            phase_process.close(stop=stop)
 
     def train_epoch(self, epoch: int) -> tuple[float, ...]:
         self.train_model.train()
@@ -661,6 +651,12 @@ class Training(loop.EpochLoop):
             self.conservation.load_state_dict(checkpoint["conservation"])
         pending = checkpoint.get("pending_phase")
         self.pending = None if pending is None else PendingFeedback(**pending)
+
+    def fit(self) -> list[dict]:
+        try:
+            return super().fit()
+        finally:  # at the end, on an error or an interrupt: no phase process outlives the run
+            self._close_phase_process(stop=True)
 
     def finish(self) -> None:
         plot_runs([RunRecord(self.out_dir, self.config, self.history)], self.out_dir)
