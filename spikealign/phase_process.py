@@ -29,8 +29,11 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
+
+from spikealign.errors import UserError
 
 #: seconds between the worker's checks for a stop request or a dead parent
 _WATCH_S = 0.2
@@ -74,7 +77,13 @@ class PhaseProcess:
         An error of the phase (UserError included) is raised here as it was raised there.
         """
         job, self._job = self._job, None
-        feedbacks, state, wall_s = job.result()
+        try:
+            feedbacks, state, wall_s = job.result()
+        except BrokenProcessPool as err:  # the worker itself died: nothing of this phase is left
+            raise UserError(
+                "the spiking-phase process ended unexpectedly (killed, or out of memory); the "
+                "checkpoint of the last finished epoch is kept: continue with --resume"
+            ) from err
         phase.load_state_dict(state)
         return feedbacks, wall_s
 

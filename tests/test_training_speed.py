@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -378,6 +379,21 @@ def test_a_user_error_in_the_phase_process_is_raised_as_is():
     finally:
         process.close()
     assert str(in_process.value) == str(in_trainer.value)
+
+
+def test_a_phase_process_that_dies_is_one_line_error():
+    phase = RecordingPhase([2, 2], _Config(seed=epoch_seed(0, 1), epochs=1, slow_at=1))
+    process = PhaseProcess()
+    try:
+        process.start(phase, [np.zeros((2, 2))], [np.zeros((2, 2))], None)
+        deadline = time.monotonic() + 60
+        while not multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+        with pytest.raises(UserError, match="process ended unexpectedly.*--resume"):
+            process.result(phase)
+    finally:
+        process.close()
 
 
 def _alive(pid: int) -> bool:
