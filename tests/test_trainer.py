@@ -414,3 +414,26 @@ def test_phase_config_carries_the_schedule_and_spends_the_whole_budget():
         30.0, "adaptive", 85.0, 0.1, 5,
     )  # fmt: skip
     assert phase.estimator == "ols" and not phase.stop_at_target  # the same rdd_time every epoch
+
+
+@pytest.mark.parametrize("kp_lr", [None, 0.05])
+def test_kolen_pollack_rate_follows_the_lr_schedule(tmp_path, monkeypatch, kp_lr):
+    """B gets the weight's update, so its rate decays with the weights' at each milestone."""
+    from spikealign.feedback import FeedbackLinear
+
+    seen = []  # the lr of every kp update, in order
+    update = FeedbackLinear.kolen_pollack_update
+
+    def recording(self, lr, weight_decay):
+        seen.append(lr)
+        return update(self, lr, weight_decay)
+
+    monkeypatch.setattr(FeedbackLinear, "kolen_pollack_update", recording)
+    config = small_config("kp", epochs=3, lr=0.02, lr_milestones=[1, 2], lr_gamma=0.5, kp_lr=kp_lr)
+    trainer.train(config, tmp_path, progress=False)
+    base = 0.02 if kp_lr is None else kp_lr
+    per_epoch = len(seen) // 3
+    for epoch, expected in enumerate([base, base * 0.5, base * 0.25]):
+        assert seen[epoch * per_epoch : (epoch + 1) * per_epoch] == [
+            pytest.approx(expected)
+        ] * per_epoch

@@ -535,6 +535,12 @@ class Training(loop.EpochLoop):
             self.train_sampler.set_epoch(epoch_seed(self.config.seed, epoch))
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr_at(epoch)
+        if self.config.rule == "kp":
+            # Kolen-Pollack gives B the weight's own update, so B's rate follows the schedule too.
+            kp_lr = self.config.rule_options()["lr"] * self.config.lr_factor(epoch)
+            for _, layer in feedback.feedback_layers(self.model):
+                if layer.rule == "kp":
+                    layer.feedback_rule.lr = kp_lr
         keeper = ScoreKeeper(self.multilabel, TOP_K if self.top_k else None)
         bar = tqdm(
             total=len(self.train_loader),

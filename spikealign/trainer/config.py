@@ -74,7 +74,8 @@ class TrainConfig:
     feedback_decay: float = 0.0  # lambda: Y <- Y - lambda * Y after every step (fa / learned)
     # Options of feedback.convert; None keeps the rule's default (see rule_options).
     feedback_scale: float | None = None  # bound of randomly drawn feedback (default 1/sqrt(fan_in))
-    kp_lr: float | None = None  # kp: learning rate of the feedback update (default: lr)
+    kp_lr: float | None = None  # kp: learning rate of the feedback update (default: lr); it
+    # follows the lr schedule as the weights' rate does
     kp_weight_decay: float | None = None  # kp: its weight decay (default: weight_decay)
     wm_lr: float | None = None  # wm: learning rate of the mirror update
     wm_weight_decay: float | None = None  # wm: its weight decay
@@ -240,9 +241,13 @@ class TrainConfig:
                     f"{', '.join(given)}: only for rule {prefix}, but the rule is {self.rule}"
                 )
 
+    def lr_factor(self, epoch: int) -> float:
+        """lr_gamma per milestone already passed at ``epoch`` (1-based): the schedule's factor."""
+        return self.lr_gamma ** sum(m < epoch for m in self.lr_milestones)
+
     def lr_at(self, epoch: int) -> float:
-        """Learning rate of ``epoch`` (1-based): lr times lr_gamma per milestone already passed."""
-        return self.lr * self.lr_gamma ** sum(m < epoch for m in self.lr_milestones)
+        """Learning rate of ``epoch`` (1-based): lr times the schedule's factor."""
+        return self.lr * self.lr_factor(epoch)
 
     def phase_config(self, seed: int | None = None):
         """The spiking phase's PhaseConfig (rule rdd). Every phase spends the whole rdd_time:
