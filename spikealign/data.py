@@ -570,8 +570,11 @@ def image_folder_transforms(image_size: int) -> tuple[v2.Compose, v2.Compose]:
 
 
 def _rgb_loader(path: str) -> Image.Image:
-    with open(path, "rb") as file, Image.open(file) as image:
-        return image.convert("RGB")
+    try:
+        with open(path, "rb") as file, Image.open(file) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:  # found at first read: decoding is lazy
+        raise UserError(f"cannot decode image {path} ({err}); replace or remove the file") from err
 
 
 def load_image_folder(

@@ -33,13 +33,24 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         except UserError as err:
             # Under torchrun every rank meets the same mistake; one line is enough.
             if os.environ.get("RANK", "0") == "0":
-                sys.stderr.write(f"error: {err}\n")
+                sys.stderr.write(f"error: {one_line(err)}\n")
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             sys.stderr.write("interrupted\n")
             raise SystemExit(130) from None
 
     return wrapper
+
+
+def one_line(err: UserError) -> str:
+    """The message of ``err``; for one re-raised from a DataLoader worker (whose message is the
+    worker's whole traceback, ending in "spikealign.errors.UserError: <message>") its last line."""
+    message = str(err)
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
+    return last[len(prefix) :] if last.startswith(prefix) else last
 
 
 class OneLineParser(argparse.ArgumentParser):

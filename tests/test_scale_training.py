@@ -177,6 +177,19 @@ def test_scale_user_errors_are_one_line(runs, tree, tmp_path, capsys):
     assert not (tmp_path / "x" / "config.json").exists()
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_corrupt_image_is_a_one_line_error(tmp_path, capsys, workers):
+    """Also when a DataLoader worker process meets it (its error arrives with its traceback)."""
+    root = write_image_folder(tmp_path / "data", per_class=2)
+    broken = sorted((root / "train" / "n01440764").iterdir())[0]
+    broken.write_bytes(b"\xff\xd8 not a JPEG")
+    argv = [*tiny_flags(root, "resnet18"), "--rule", "fa", "--workers", workers,
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    err = run_main(run_cli.main, argv, capsys)
+    assert err.count("\n") == 1 and err.startswith("error: cannot decode image "), err
+    assert f"{broken}" in err and err.rstrip().endswith("replace or remove the file")
+
+
 def test_two_process_torchrun_on_an_image_folder(tree, tmp_path):
     """gloo on the CPU: one set of files, identical parameters and feedback on both ranks."""
     from tests.test_distributed import torchrun
