@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from spikealign.device_data import DeviceLoader, PassPlan
-from spikealign.trainer.scores import ScoreKeeper, classification_error, top_k_error
+from spikealign.trainer.scores import ScoreKeeper, batch_sums
 
 #: Eager steps at the start of each pass before the capture.
 WARMUP_STEPS = 3
@@ -68,12 +68,11 @@ class GraphedPass:
         inputs, targets = self.loader.batch_at(self.plan, self.position)
         self.position.add_(self.loader.batch_size)
         loss, logits = self.step(inputs, targets)
-        with torch.no_grad():
-            logits = logits.detach()
-            self.sums[0] += loss.detach() * len(targets)
-            self.sums[1] += classification_error(logits, targets)
-            if self.top_k is not None:
-                self.sums[2] += top_k_error(logits, targets, self.top_k)
+        loss_sum, errors, top_k_errors = batch_sums(loss, logits, targets, self.top_k)
+        self.sums[0] += loss_sum
+        self.sums[1] += errors
+        if top_k_errors is not None:
+            self.sums[2] += top_k_errors
 
     def run(self, keeper: ScoreKeeper, advance: Callable[[int], object] = lambda n: None) -> None:
         """One pass: its scores go to ``keeper``; ``advance(n)`` after every n batches done."""

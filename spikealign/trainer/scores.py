@@ -41,6 +41,16 @@ def mean_average_precision(
     return float(np.mean(precisions)) if precisions else float("nan")
 
 
+def batch_sums(
+    loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, top_k: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(batch size * mean loss, errors, top-k errors or None) of one single-label batch, as
+    tensors on its device."""
+    logits = logits.detach()
+    top_k_errors = None if top_k is None else top_k_error(logits, targets, top_k)
+    return loss.detach() * len(targets), classification_error(logits, targets), top_k_errors
+
+
 class ScoreKeeper:
     """Accumulates loss and error (or scores for mAP) over the batches of one pass; with
     ``top_k`` also the top-k error (single-label data)."""
@@ -63,9 +73,7 @@ class ScoreKeeper:
             self._scores.append(logits.detach().float().cpu())
             self._targets.append(targets.detach().cpu())
             return
-        logits = logits.detach()
-        top_k = None if self.top_k is None else top_k_error(logits, targets, self.top_k)
-        self.add_sums(batch, loss.detach() * batch, classification_error(logits, targets), top_k)
+        self.add_sums(batch, *batch_sums(loss, logits, targets, self.top_k))
 
     def add_sums(
         self,
