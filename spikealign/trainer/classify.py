@@ -199,6 +199,11 @@ class PendingFeedback:
     feedbacks: list[torch.Tensor]
     wall_s: float  # the phase's own wall time
 
+    @classmethod
+    def of_phase(cls, epoch: int, feedbacks, wall_s: float) -> PendingFeedback:
+        """From the arrays a phase returns (in this process or the phase process)."""
+        return cls(epoch, [torch.from_numpy(np.asarray(f)) for f in feedbacks], wall_s)
+
 
 class Training(loop.EpochLoop):
     """State of one run: data, model, optimiser, spiking phase, history. Use :func:`train`."""
@@ -450,8 +455,7 @@ class Training(loop.EpochLoop):
         log_path = self._prepare_phase(epoch)
         start = time.perf_counter()
         result = self.phase.run(weights=weights, feedbacks=feedbacks, log_path=log_path)
-        feedbacks = [torch.from_numpy(np.asarray(f)) for f in result.feedbacks]
-        return PendingFeedback(epoch, feedbacks, time.perf_counter() - start)
+        return PendingFeedback.of_phase(epoch, result.feedbacks, time.perf_counter() - start)
 
     def _apply_feedback(self, pending: PendingFeedback | None) -> None:
         """Set the fc feedback from ``pending`` (rank 0) and broadcast it to every rank."""
@@ -521,8 +525,7 @@ class Training(loop.EpochLoop):
             self._close_phase_process(stop=True)
         elif epoch is not None:
             feedbacks, wall_s = self.phase_process.result(self.phase)  # loads the phase's state
-            feedbacks = [torch.from_numpy(np.asarray(f)) for f in feedbacks]
-            self.pending = PendingFeedback(epoch, feedbacks, wall_s)
+            self.pending = PendingFeedback.of_phase(epoch, feedbacks, wall_s)
 
     def _close_phase_process(self, stop: bool = False) -> None:
         if self.phase_process is not None:
