@@ -9,9 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +18,9 @@ from torchvision.models import resnet18
 from spikealign import detection
 from spikealign.trainer import detect
 from tests.coco_tiny import write_tiny_coco
+from tests.test_distributed import torchrun
 from training import detect as detect_cli
 
-REPO = Path(__file__).resolve().parents[1]
 TIME_COLUMNS = ("train_s", "eval_s")
 
 
@@ -154,11 +151,9 @@ def test_resume_refuses_another_experiment(full_run, capsys):
 def test_torchrun_two_processes_keep_identical_parameters(coco_dir, tmp_path):
     out, states = tmp_path / "ddp", tmp_path / "states"
     states.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--standalone", str(REPO / "tests" / "scripts" / "ddp_detect.py"), str(states),
-               *flags(coco_dir, out, "--rule", "fa", "--epochs", "1")]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = torchrun(
+        states, *flags(coco_dir, out, "--rule", "fa", "--epochs", "1"), entry="training.detect"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run written to") == 1  # rank 0 alone reports
     rank0, rank1 = (torch.load(states / f"rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -26,11 +26,14 @@ FLAGS = ["--dataset", "digits", "--rule", "rdd", "--rdd-time", "0.6", "--limit-t
 TIME_COLUMNS = ("phase_s", "epoch_s")
 
 
-def torchrun(state_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+def torchrun(
+    state_dir: Path, *flags: str, entry: str = "training.run"
+) -> subprocess.CompletedProcess:
+    """``entry`` with ``flags`` on 2 processes; each rank saves its model state in ``state_dir``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--standalone", str(REPO / "tests" / "scripts" / "ddp_train.py"),
-               str(state_dir), *flags]  # fmt: skip
+               "--standalone", str(REPO / "tests" / "scripts" / "ddp_states.py"),
+               str(state_dir), entry, *flags]  # fmt: skip
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
