@@ -19,6 +19,7 @@ from spikealign import detection
 from spikealign.trainer import detect
 from tests.coco_tiny import write_tiny_coco
 from tests.test_distributed import torchrun
+from tests.test_trainer import run_main as run_entry_point
 from training import detect as detect_cli
 
 TIME_COLUMNS = ("train_s", "eval_s")
@@ -102,12 +103,8 @@ def test_resume_ends_with_the_numbers_of_an_uninterrupted_run(full_run, coco_dir
 
 
 def run_main(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        detect_cli.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
+    """training.detect with ``argv``, expecting a one-line user error; returns its stderr."""
+    return run_entry_point(detect_cli.main, argv, capsys)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(coco_dir, tmp_path, capsys):

@@ -437,3 +437,22 @@ def test_kolen_pollack_rate_follows_the_lr_schedule(tmp_path, monkeypatch, kp_lr
         assert seen[epoch * per_epoch : (epoch + 1) * per_epoch] == [
             pytest.approx(expected)
         ] * per_epoch
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "message"),
+    [
+        ("run", ["--rule", "fa"], "error: --out DIR is required"),
+        ("run", ["--dataset", "digits", "--out", "x"], "error: --rule required to start a run"),
+        ("run", ["--out", "x"], "error: --dataset and --rule required to start a run"),
+        ("detect", ["--rule", "fa"], "error: --out DIR is required"),
+        ("detect", ["--out", "x"], "error: --rule required to start a run (or pass --resume)"),
+    ],
+)
+def test_entry_points_name_the_missing_flags(module, argv, message, capsys, tmp_path):
+    from training import detect as detect_cli
+
+    main = {"run": run_cli.main, "detect": detect_cli.main}[module]
+    argv = [str(tmp_path / a) if a == "x" else a for a in argv]
+    assert run_main(main, argv, capsys).startswith(message)
+    assert not (tmp_path / "x").exists()

@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 
 from spikealign import detection
-from spikealign.errors import OneLineParser, UserError, exit_on_user_error
+from spikealign.errors import OneLineParser, exit_on_user_error
 from spikealign.trainer import distributed
 from spikealign.trainer.detect import DetectConfig, train_detector
-from spikealign.trainer.rundir import resume_config
-from training.run import config_overrides
+from training.run import config_overrides, start_or_resume
 
 DEFAULTS = DetectConfig(rule="")
 
@@ -110,26 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    overrides = config_overrides(args, DetectConfig)
-    if args.out is None:
-        raise UserError("--out DIR is required: the directory that holds the run")
-    if args.resume:
-        config = resume_config(args.out, overrides, config_class=DetectConfig)
-    else:
-        if "rule" not in overrides:
-            raise UserError("--rule required to start a run (or pass --resume)")
-        config = DetectConfig(**overrides)
-    is_main = distributed.run_and_leave(
-        lambda: train_detector(
-            config,
-            args.out,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
+    start_or_resume(
+        args,
+        config_overrides(args, DetectConfig),
+        DetectConfig,
+        required=("rule",),
+        new_config=lambda overrides: DetectConfig(**overrides),
+        train=train_detector,
     )
-    if is_main:
-        print(f"run written to {args.out}")
 
 
 if __name__ == "__main__":

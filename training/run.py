@@ -264,17 +264,32 @@ def main(argv: list[str] | None = None) -> None:
         load_dataset(overrides["dataset"], data_dir, download=True)
         print(f"{overrides['dataset']} is in {data_dir}")
         return
+    start_or_resume(
+        args,
+        overrides,
+        trainer.TrainConfig,
+        required=("dataset", "rule"),
+        new_config=trainer.TrainConfig.from_flags,
+        train=trainer.train,
+    )
+
+
+def start_or_resume(args, overrides: dict, config_class, required, new_config, train) -> None:
+    """The run in ``args.out``: resumed from its checkpoint (``overrides`` may change only the
+    runtime fields) or new, ``new_config(overrides)`` once the ``required`` fields are given;
+    ``train(config, out, ...)`` runs on every rank and rank 0 reports. Shared by training.run and
+    training.detect."""
     if args.out is None:
         raise UserError("--out DIR is required: the directory that holds the run")
     if args.resume:
-        config = trainer.resume_config(args.out, overrides)
+        config = trainer.resume_config(args.out, overrides, config_class=config_class)
     else:
-        missing = [f"--{name}" for name in ("dataset", "rule") if name not in overrides]
+        missing = [f"--{name}" for name in required if name not in overrides]
         if missing:
             raise UserError(f"{' and '.join(missing)} required to start a run (or pass --resume)")
-        config = trainer.TrainConfig.from_flags(overrides)
+        config = new_config(overrides)
     is_main = distributed.run_and_leave(
-        lambda: trainer.train(
+        lambda: train(
             config,
             args.out,
             resume=args.resume,
