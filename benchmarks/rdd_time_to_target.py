@@ -26,13 +26,16 @@ import math
 
 import numpy as np
 
+from spikealign.lif import LIFParams
 from spikealign.phase import FeedbackPhase, PhaseConfig, kaiming_uniform
 
 
-def run(sizes, seed, **config):
+def run(sizes, seed, noise_period=0.1, **config):
     rng = np.random.default_rng(seed)
     weights, feedbacks = kaiming_uniform(sizes, rng), kaiming_uniform(sizes, rng)
-    phase = FeedbackPhase(sizes, PhaseConfig(estimator="ols", seed=seed, **config), progress=False)
+    lif = LIFParams(noise_period=noise_period)
+    config = PhaseConfig(estimator="ols", seed=seed, lif=lif, **config)
+    phase = FeedbackPhase(sizes, config, progress=False)
     return phase, phase.run(weights, feedbacks)
 
 
@@ -75,15 +78,22 @@ def schedules(args, sizes, seeds):
         if args.adaptive_only:  # the reference figures from an earlier run
             ref, needs, ref_time = None, [math.nan] * n_fc, math.nan
         else:
-            phase, ref = run(sizes, seed, duration=args.reference_duration, drive_gain=args.gain)
+            phase, ref = run(
+                sizes, seed, args.noise_period, duration=args.reference_duration,
+                drive_gain=args.gain,
+            )  # fmt: skip
             segment, _ = phase.segment_plan()
             needs, ref_time = reference_time(ref, n_fc, args.goal, segment)
         _, ada = run(
-            sizes, seed, duration=args.cap, schedule="adaptive", target=args.target,
-            drive_gain=args.gain,
+            sizes, seed, args.noise_period, duration=args.cap, schedule="adaptive",
+            target=args.target, drive_gain=args.gain,
         )  # fmt: skip
         final = ada.final_alignment()
-        predicted = {r["layer"]: r["predicted_sign_agreement"] for r in ada.criterion}
+        # 50 % exactly: the layer's standard errors are not trusted yet (no claim to compare)
+        predicted = {
+            r["layer"]: r["predicted_sign_agreement"] if r["predicted_sign_agreement"] != 50 else
+            math.nan for r in ada.criterion
+        }  # fmt: skip
         rows.append(
             {
                 "seed": seed,
@@ -105,7 +115,10 @@ def schedules(args, sizes, seeds):
         values = [row[key] for row in rows]
         print(f"  {label:<9} simulated s to goal: {values}, mean {np.mean(values):.0f}")
     gaps = [p - m for row in rows for p, m in zip(row["predicted"], row["measured"], strict=True)]
-    print(f"  criterion at the adaptive stop, predicted - measured: {np.round(gaps, 1).tolist()}")
+    print(
+        f"  criterion at the adaptive stop, predicted - measured (nan: not trusted yet): "
+        f"{np.round(gaps, 1).tolist()}"
+    )
     for key, label in (("wall_ref", "reference"), ("wall_ada", "adaptive")):
         print(f"  {label:<9} wall s per simulated s: {np.mean([row[key] for row in rows]):.3f}")
     if args.plot:
@@ -159,10 +172,10 @@ def gains(args, sizes, seeds):
     print(f"{'gain':>6} {'seed':>4}  sign % after 30 s per layer (fc1..)   adaptive s to goal")
     for gain in [float(g) for g in args.gains.split(",")]:
         for seed in seeds:
-            _, ref = run(sizes, seed, duration=30.0 * n_fc, drive_gain=gain)
+            _, ref = run(sizes, seed, args.noise_period, duration=30.0 * n_fc, drive_gain=gain)
             _, ada = run(
-                sizes, seed, duration=args.cap, schedule="adaptive", target=args.target,
-                drive_gain=gain,
+                sizes, seed, args.noise_period, duration=args.cap, schedule="adaptive",
+                target=args.target, drive_gain=gain,
             )  # fmt: skip
             signs = " ".join(f"{a['sign_agreement']:5.1f}" for a in ref.final_alignment())
             final = " ".join(f"{a['sign_agreement']:5.1f}" for a in ada.final_alignment())
@@ -183,12 +196,15 @@ def main() -> None:
     parser.add_argument("--reference-duration", type=float, default=360.0)
     parser.add_argument("--gain", type=float, default=0.2, help="drive gain of both schedules")
     parser.add_argument("--gains", help="comma-separated drive gains: the gain measurement")
+    parser.add_argument(
+        "--noise-period", type=float, default=0.1, help="s, noise subset redrawn (METHOD: 0.1)"
+    )
     parser.add_argument("--plot", help="PNG of sign agreement against simulated time")
     parser.add_argument("--adaptive-only", action="store_true", help="skip the reference runs")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"network {sizes}, estimator ols, seeds {seeds}")
+    print(f"network {sizes}, estimator ols, seeds {seeds}, noise period {args.noise_period:g} s")
     if args.gains:
         gains(args, sizes, seeds)
     else:

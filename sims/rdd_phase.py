@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from spikealign.errors import OneLineParser, UserError, exit_on_user_error
+from spikealign.lif import LIFParams
 from spikealign.outputs import check_output_dir, check_output_file
 from spikealign.phase import (
     SCHEDULES,
@@ -56,6 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--drive-gain", type=float, default=0.2, help="W_hat = gain n_in W / std(W) (0.2)"
+    )
+    parser.add_argument(
+        "--noise-period",
+        type=float,
+        default=0.1,
+        help="s: the noise-driven subset of the driven layer is redrawn this often (0.1)",
     )
     parser.add_argument("--log", type=Path, help="write the HDF5 spike log here")
     parser.add_argument("--summary-json", type=Path, help="write a JSON summary here")
@@ -107,6 +114,7 @@ def main(argv=None) -> dict:
         schedule=args.schedule,
         target=args.target,
         drive_gain=args.drive_gain,
+        lif=LIFParams(noise_period=args.noise_period),
         seed=args.seed,
     )
     config.validate()

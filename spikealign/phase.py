@@ -13,7 +13,11 @@ drives:
 * ``adaptive``: every layer gets one segment, then each segment goes to the layer whose estimate is
   least certain, the lowest predicted sign agreement ``P_l`` (:func:`spikealign.rdd.
   predicted_sign_agreement`, computed from the recorded data alone) among the layers still below
-  ``target``. The phase ends when every layer has reached ``target`` (``stop_at_target``) or after
+  ``target``. A layer counts as at target only once its standard errors are trusted
+  (:meth:`spikealign.rdd.OLSEstimator.se_trusted`); before that it is ranked by the prediction
+  from its untrusted ones, which are too small early on but still say which layer is behind
+  (without them a wide fc1, whose errors are trusted last, would take every segment until then).
+  The phase ends when every layer has reached ``target`` (``stop_at_target``) or after
   ``duration`` seconds, the time cap. Without ``stop_at_target`` the whole ``duration`` is spent,
   on the least certain layer once all are at target. The choice depends only on the data, so the
   schedule is reproducible from the seed; the next segment is simulated speculatively while the
@@ -123,6 +127,12 @@ class PhaseConfig:
             raise UserError(f"target must be a sign agreement in (50, 100) %, got {self.target}")
         if not (math.isfinite(self.drive_gain) and self.drive_gain > 0):
             raise UserError(f"drive gain must be a positive number, got {self.drive_gain}")
+        period, dt = self.lif.noise_period, self.lif.dt
+        if not (math.isfinite(period) and period >= dt):
+            raise UserError(
+                f"noise period must be at least one time step ({dt:g} s), got {period} s "
+                "(METHOD: 0.1 s)"
+            )
 
 
 def memory_estimate(sizes: list[int], config: PhaseConfig) -> int:
@@ -212,6 +222,8 @@ class FeedbackPhase:
         ]
         self._feedback_std = np.full(len(self.fc_names), np.nan)
         self._needs_activity = self.config.estimator == "ols" and self.config.rdd.ols_adjust
+        # the adaptive schedule ranks layers by their untrusted SEs before they are trusted
+        self._early_ranks = self.config.schedule == "adaptive" and self._needs_activity
 
     # -- schedule -----------------------------------------------------------------------------
     def segment_plan(self) -> tuple[float, int]:
@@ -229,9 +241,13 @@ class FeedbackPhase:
             )
         return steps * dt, per_layer * len(self.fc_names)
 
-    def next_layer(self, driven: list[int], criteria: list[float]) -> int | None:
-        """The fc layer the next segment drives, after segments that drove ``driven`` and with the
-        current predicted sign agreements ``criteria`` (NaN: none yet); None ends the phase."""
+    def next_layer(
+        self, driven: list[int], criteria: list[float], ranks: list[float] | None = None
+    ) -> int | None:
+        """The fc layer the next segment drives, after segments that drove ``driven``; None ends
+        the phase. ``criteria``: each layer's predicted sign agreement from trusted standard
+        errors (NaN: none yet), which says whether it is at target; ``ranks``: the prediction
+        that orders the layers below target (default ``criteria``; NaN counts as 50 %)."""
         _, n_segments = self.segment_plan()
         n_fc = len(self.fc_names)
         if len(driven) >= n_segments:
@@ -241,12 +257,13 @@ class FeedbackPhase:
         for fc in range(n_fc):  # first every layer once
             if fc not in driven:
                 return fc
-        values = np.nan_to_num(np.asarray(criteria, dtype=np.float64), nan=50.0)
-        below = values < self.config.target
+        values = np.asarray(criteria, dtype=np.float64)
+        order = np.nan_to_num(np.asarray(criteria if ranks is None else ranks, float), nan=50.0)
+        below = ~(values >= self.config.target)  # NaN: not known to be at target
         if not below.any() and self.config.stop_at_target:
             return None
         candidates = np.flatnonzero(below) if below.any() else np.arange(n_fc)
-        return int(candidates[np.argmin(values[candidates])])  # least certain; ties: lowest fc
+        return int(candidates[np.argmin(order[candidates])])  # least certain; ties: lowest fc
 
     def program(self) -> LIFProgram:
         """The compiled program for this shape (built or loaded from the cache on first use)."""
@@ -280,6 +297,7 @@ class FeedbackPhase:
         for fc, feedback in enumerate(feedbacks):
             records.append(self._alignment_record(0.0, fc, weights[fc], feedback))
         criteria = [math.nan] * len(self.fc_names)
+        ranks = [math.nan] * len(self.fc_names)
         driven_so_far: list[int] = []
         schedule: list[tuple[int, float, float]] = []
         criterion_records: list[dict] = []
@@ -295,7 +313,7 @@ class FeedbackPhase:
             bar = self._progress_bar(segment * n_segments)
             wall_start = time.perf_counter()
             seed = self.config.seed
-            driven = self.next_layer(driven_so_far, criteria)
+            driven = self.next_layer(driven_so_far, criteria, ranks)
             pending = program.start_segment(scaled, state, driven, seed, 0.0)
             while driven is not None:
                 start = len(driven_so_far) * segment
@@ -305,7 +323,7 @@ class FeedbackPhase:
                 driven_so_far.append(driven)
                 schedule.append((driven, start, end))
                 # simulate the likely next segment while estimating this one
-                guess = self.next_layer(driven_so_far, criteria)
+                guess = self.next_layer(driven_so_far, criteria, ranks)
                 if guess is not None:
                     pending = program.start_segment(scaled, state, guess, seed, end)
                 windows = Windows(
@@ -325,6 +343,12 @@ class FeedbackPhase:
                 )
                 if hasattr(estimator, "standard_errors"):
                     criteria[driven] = predicted_sign_agreement(beta, estimator.standard_errors())
+                    ranks[driven] = criteria[driven]
+                    if self._early_ranks and not estimator.se_trusted():
+                        # too optimistic to stop a layer, but they still say which is behind
+                        ranks[driven] = predicted_sign_agreement(
+                            beta, estimator.standard_errors(trusted_only=False)
+                        )
                     criterion_records.append(
                         {
                             "time": end,
@@ -338,7 +362,7 @@ class FeedbackPhase:
                     )
                 if bar is not None:
                     bar.update(end - start)
-                driven = self.next_layer(driven_so_far, criteria)
+                driven = self.next_layer(driven_so_far, criteria, ranks)
                 if driven != guess:  # the estimate changed the choice: restart the next segment
                     if pending is not None:
                         pending.cancel()
@@ -398,7 +422,13 @@ class FeedbackPhase:
         if self._needs_activity:
             activity = filtered_spikes(*spikes[driven], self.sizes[driven], *filter_args, times=2)
         self._estimators[driven].add(
-            windows, q, first_step, p.dt, activity=activity, since_step=round(start / p.dt)
+            windows,
+            q,
+            first_step,
+            p.dt,
+            activity=activity,
+            since_step=round(start / p.dt),
+            early_se=self._early_ranks,
         )
 
     def _update(self, fc: int, feedback: np.ndarray, beta: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ Two estimators share the recorded windows:
   lines per (i, k) (``ols_pooled=False``, kept for comparison).
 * ``ols`` with ``ols_adjust`` (default): covariate-adjusted RDD. Most of the variance of dR_ik
   comes from the other driven neurons, whose spikes the treatment of i cannot move (no lateral
-  connections, independent noise). A least-squares regression of q_k on the activity
+  connections, independent noise). A ridge regression of q_k on the activity
   ``a_j = kappa * kappa * s_j`` of every driven neuron, over every time step, predicts their part of
   each window's outcome, which is subtracted before the lines are fitted::
 
@@ -44,7 +44,13 @@ Two estimators share the recorded windows:
   move are balanced at threshold, so the jump stays unbiased whatever gamma is; a good gamma only
   removes variance. On 1600-384-192-10 this raises sign agreement after one 90 s phase from about
   63 / 75 / 81 % to 68 / 83 / 88 % (``benchmarks/rdd_phase.py``). All of it is sufficient
-  statistics: per (side, i) the window sums of dA_j, and the regression's sums over steps.
+  statistics: per (side, i) the window sums of dA_j, and the regression's sums over steps. The
+  regression has n_in coefficients per k, and the activity is smooth (kappa * kappa spans tens of
+  steps), so for the first tens of seconds it has few independent steps per coefficient. A ridge
+  worth ``adjust_ridge_steps`` (1000) steps of a_j's mean variance per coefficient keeps it from
+  fitting noise there and fades as the steps accumulate (sign agreement of fc1 of
+  1600-384-192-10, seed 0, after 10 / 30 / 90 s: 56 / 68 / 80 % without, 59 / 70 / 80 % with;
+  with a 10 ms noise period after 10 / 30 / 50 s: 58 / 75 / 82 % and 65 / 77 / 82 %).
 
 Standard errors (``OLSEstimator.standard_errors``). Every jump is linear in the outcomes,
 ``beta_ik = sum_w c_w dR'_wk``, so with independent windows and a residual variance sigma_sk^2 per
@@ -108,6 +114,8 @@ class RDDParams:
     ols_bandwidth: float | None = None
     ols_pooled: bool = True  # share the control line and spiked slope over neurons (see above)
     ols_adjust: bool = True  # subtract the other driven neurons' predicted effect (see above)
+    # ridge of the adjustment's regression: the mean activity variance of this many time steps
+    adjust_ridge_steps: float = 1000.0
     # with ols_adjust, standard errors count only once the adjustment's regression has this many
     # time steps per driven neuron (before, its in-sample fit hides noise; module docstring)
     se_min_steps_per_neuron: float = 40.0
@@ -264,9 +272,11 @@ class OLSEstimator:
         dt: float,
         activity: np.ndarray | None = None,
         since_step: int | None = None,
+        early_se: bool = False,
     ) -> None:
         """Add the windows of one segment, then re-estimate sigma^2 from them (only once the
-        standard errors count, :meth:`_se_usable`).
+        standard errors are trusted, :meth:`se_trusted`, or always with ``early_se``: for
+        ``standard_errors(trusted_only=False)``).
 
         ``q`` is the filtered activity of the layer above from ``first_step`` on. With
         ``ols_adjust``, ``activity`` is ``kappa * kappa * s_j`` of the driven layer over the same
@@ -323,11 +333,11 @@ class OLSEstimator:
             self.sum_q += b.sum(0)
             self.sum_aa += a.T @ a
             self.sum_aq += a.T @ b
-        if self._se_usable():  # else standard_errors is inf whatever sigma^2 is: skip it
+        if early_se or self.se_trusted():  # else the SEs are inf whatever sigma^2 is: skip it
             cumulatives = (cumulative_q, activity, cumulative_a)
             self._update_residual_var(windows, weight, side, q, first_step, dt, cumulatives)
 
-    def _se_usable(self) -> bool:
+    def se_trusted(self) -> bool:
         """Whether the standard errors count: with ``ols_adjust`` only once the adjustment's
         regression has ``se_min_steps_per_neuron`` time steps per driven neuron (before, its
         in-sample fit hides noise and sigma^2 comes out too small; module docstring)."""
@@ -347,8 +357,11 @@ class OLSEstimator:
             mean_a = self.sum_a / n
             gram = self.sum_aa - n * np.outer(mean_a, mean_a)
             cross = self.sum_aq - n * np.outer(mean_a, self.sum_q / n)
-            # a tiny ridge keeps neurons that never fired (zero rows) at zero effect
-            ridge = 1e-6 * max(np.trace(gram) / self.n_in, 1e-300)
+            # the ridge is worth adjust_ridge_steps steps of a neuron's mean activity variance: it
+            # keeps the fit from chasing noise early on and fades as steps accumulate; its floor
+            # keeps neurons that never fired at zero effect
+            variance = max(np.trace(gram) / self.n_in, 1e-300)  # summed over steps
+            ridge = (self.params.adjust_ridge_steps / n + 1e-6) * variance
             self._cache["effects"] = np.linalg.solve(gram + ridge * np.eye(self.n_in), cross)
         return self._cache["effects"]
 
@@ -398,10 +411,12 @@ class OLSEstimator:
         control = fit.control_mean_y + fit.control_slope * (theta - fit.control_mean_x)
         return np.where(fit.has[:, None], spiked - control[None, :], 0.0)
 
-    def standard_errors(self) -> np.ndarray:
+    def standard_errors(self, trusted_only: bool = True) -> np.ndarray:
         """(n_in, n_out) standard error of :meth:`beta`: sqrt(sum_s sigma_sk^2 V_s(theta)).
 
-        ``inf`` where beta is not estimated or no segment has given sigma^2 yet.
+        ``inf`` where beta is not estimated or no segment has given sigma^2 yet, and everywhere
+        until :meth:`se_trusted` unless ``trusted_only`` is false (then they are too small early
+        on, but still rank layers: the adaptive schedule uses them so).
         """
         theta = self.params.threshold
         if self.params.ols_pooled:
@@ -422,7 +437,7 @@ class OLSEstimator:
             + factor_control[:, None] * self.residual_var[1][None, :]
         )
         usable = has[:, None] & np.isfinite(variance) & (variance > 0)
-        if not self._se_usable():
+        if trusted_only and not self.se_trusted():
             usable[:] = False  # the adjustment still overfits: sigma^2 is too small to trust
         return np.where(usable, np.sqrt(np.where(usable, variance, 1.0)), np.inf)
 
@@ -655,8 +670,10 @@ class LMSEstimator:
         dt: float,
         activity: np.ndarray | None = None,
         since_step: int | None = None,
+        early_se: bool = False,
     ) -> None:
-        """Fit the windows of one segment in time order (``activity`` is not used)."""
+        """Fit the windows of one segment in time order (``activity`` and ``early_se`` are not
+        used: LMS has no standard errors)."""
         kept, spiked = classify(windows, self.params)
         order = np.lexsort((windows.end, windows.neuron))
         order = order[kept[order]]

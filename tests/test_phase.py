@@ -249,6 +249,30 @@ def test_adaptive_phase_stops_when_every_layer_is_at_target(tmp_path):
         adaptive(3, estimator="lms")
 
 
+def test_adaptive_schedule_ranks_layers_whose_errors_are_not_yet_trusted():
+    phase, nan = adaptive(0), float("nan")  # target 90 %, six segments
+    # fc1's SEs are not trusted yet (no criterion), but they say it is further than fc2
+    assert phase.next_layer([0, 1], [nan, 70.0], [85.0, 70.0]) == 1
+    # fc2 is at target: fc1 goes next, its untrusted 95 % cannot stop it
+    assert phase.next_layer([0, 1, 1], [nan, 95.0], [95.0, 95.0]) == 0
+    assert phase.next_layer([0, 1, 1, 0], [92.0, 95.0], [92.0, 95.0]) is None  # both at target
+    assert phase.next_layer([0, 1], [nan, 70.0]) == 0  # without ranks, no criterion is 50 %
+    assert phase.next_layer([0, 1], [60.0, 70.0], [60.0, 70.0]) == 0  # the least certain
+
+
+def test_noise_period_is_a_phase_parameter(tmp_path, monkeypatch):
+    from spikealign.lif import LIFParams
+
+    with pytest.raises(UserError, match="noise period"):
+        PhaseConfig(lif=LIFParams(noise_period=0.0)).validate()
+    assert "noise period" in _cli_error(tmp_path, "--noise-period", "0")
+    seen = []
+    monkeypatch.setattr(rdd_phase, "FeedbackPhase", lambda sizes, config, **_: seen.append(config))
+    with pytest.raises(AttributeError):  # stops at the stand-in phase, after the config is made
+        rdd_phase.main(["--noise-period", "0.01", "--no-progress"])
+    assert seen[0].lif.noise_period == 0.01
+
+
 def test_drive_gain_scales_the_spiking_weights():
     from spikealign.lif import scaled_weights
 

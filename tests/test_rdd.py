@@ -348,14 +348,32 @@ def test_standard_errors_match_direct_least_squares(params):
     assert np.allclose(estimator.standard_errors(), se, rtol=1e-9)
 
 
-def test_adjusted_standard_errors_match_direct_least_squares_of_adjusted_outcomes():
+def direct_ridge(activity: np.ndarray, q: np.ndarray, ridge_steps: float) -> np.ndarray:
+    """Ridge regression of q on the activity with an unpenalised intercept, as least squares on
+    the centred data stacked over sqrt(lambda) I: lambda is ridge_steps steps' worth of the mean
+    variance of a neuron's activity."""
+    centred_a, centred_q = activity - activity.mean(0), q - q.mean(0)
+    n_steps, n_in = activity.shape
+    lam = ridge_steps * (centred_a**2).sum() / n_in / n_steps
+    design = np.vstack([centred_a, np.sqrt(lam) * np.eye(n_in)])
+    target = np.vstack([centred_q, np.zeros((n_in, q.shape[1]))])
+    return np.linalg.lstsq(design, target, rcond=None)[0]
+
+
+@pytest.mark.parametrize("ridge", [0.0, 1000.0, 30000.0])
+def test_adjusted_standard_errors_match_direct_least_squares_of_adjusted_outcomes(ridge):
     windows, q, activity, beta = adjusted_case(seed=2, n_in=8, per_neuron=50)
-    params = RDDParams()
+    params = RDDParams(adjust_ridge_steps=ridge)
     estimator = OLSEstimator(*beta.shape, params)
     estimator.add(windows, q, 0, DT, activity=activity)
     # the regression of q on the driven layer, directly, and dR'_w = dR_w - sum_{j != i} dA_wj g_jk
-    design = np.column_stack([np.ones(len(q)), activity])
-    effects = np.linalg.lstsq(design, q, rcond=None)[0][1:]
+    if ridge == 0:  # plain least squares with an intercept
+        design = np.column_stack([np.ones(len(q)), activity])
+        effects = np.linalg.lstsq(design, q, rcond=None)[0][1:]
+    else:
+        effects = direct_ridge(activity, q, ridge)
+        plain = np.linalg.lstsq(np.column_stack([np.ones(len(q)), activity]), q, rcond=None)[0]
+        assert not np.allclose(effects, plain[1:], rtol=1e-3)  # the ridge does something
     assert np.allclose(estimator.effects_of_driven(), effects, rtol=1e-4, atol=1e-8)
     covariates = window_outcomes(windows, activity, 0, DT)
     own = covariates[np.arange(len(windows)), windows.neuron]
@@ -365,7 +383,7 @@ def test_adjusted_standard_errors_match_direct_least_squares_of_adjusted_outcome
         + own[:, None] * effects[windows.neuron]
     )
     jump, se = direct_jump_and_se(windows, adjusted, params, beta.shape[0])
-    assert np.allclose(estimator.beta(), jump, rtol=1e-4, atol=1e-8)
+    assert np.allclose(estimator.beta(), jump, rtol=1e-4, atol=1e-5)  # the ridge's 1e-6 floor
     assert np.allclose(estimator.standard_errors(), se, rtol=1e-4)
 
 
@@ -393,6 +411,21 @@ def test_residual_variance_is_skipped_until_the_standard_errors_count():
             assert np.all(np.isfinite(always.standard_errors()))
     assert np.all(np.isfinite(gated.standard_errors()))
     assert np.array_equal(gated.standard_errors(), always.standard_errors())
+
+
+def test_early_standard_errors_rank_before_they_are_trusted():
+    # with early_se, sigma^2 is estimated from the first segment on: standard_errors() stays
+    # infinite until the limit, standard_errors(trusted_only=False) is what an ungated one says
+    windows, q, activity, beta = adjusted_case(seed=3, n_in=8, per_neuron=60)
+    limit = 2.0 * len(q) / beta.shape[0]  # never reached here
+    early = OLSEstimator(*beta.shape, RDDParams(se_min_steps_per_neuron=limit))
+    always = OLSEstimator(*beta.shape, RDDParams(se_min_steps_per_neuron=0.0))
+    early.add(windows, q, 0, DT, activity=activity, early_se=True)
+    always.add(windows, q, 0, DT, activity=activity)
+    assert not early.se_trusted() and always.se_trusted()
+    assert np.all(np.isinf(early.standard_errors()))
+    assert np.array_equal(early.standard_errors(trusted_only=False), always.standard_errors())
+    assert np.all(np.isfinite(always.standard_errors()))
 
 
 def test_standard_errors_are_calibrated_over_segments():

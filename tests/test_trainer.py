@@ -22,6 +22,7 @@ from sklearn.metrics import average_precision_score
 from torch import nn
 
 from spikealign import data, spikelog, trainer
+from spikealign.errors import UserError
 from spikealign.trainer import FC_LAYERS, TrainConfig
 from training import plot as plot_cli
 from training import run as run_cli
@@ -414,6 +415,12 @@ def test_phase_config_carries_the_schedule_and_spends_the_whole_budget():
         30.0, "adaptive", 85.0, 0.1, 5,
     )  # fmt: skip
     assert phase.estimator == "ols" and not phase.stop_at_target  # the same rdd_time every epoch
+    assert phase.lif.noise_period == 0.1  # METHOD's
+    config.noise_period = 0.01
+    assert config.phase_config().lif.noise_period == 0.01
+    config.noise_period = 0.0
+    with pytest.raises(UserError, match="noise period"):
+        config.validate()
 
 
 @pytest.mark.parametrize("kp_lr", [None, 0.05])
@@ -434,9 +441,10 @@ def test_kolen_pollack_rate_follows_the_lr_schedule(tmp_path, monkeypatch, kp_lr
     base = 0.02 if kp_lr is None else kp_lr
     per_epoch = len(seen) // 3
     for epoch, expected in enumerate([base, base * 0.5, base * 0.25]):
-        assert seen[epoch * per_epoch : (epoch + 1) * per_epoch] == [
-            pytest.approx(expected)
-        ] * per_epoch
+        assert (
+            seen[epoch * per_epoch : (epoch + 1) * per_epoch]
+            == [pytest.approx(expected)] * per_epoch
+        )
 
 
 @pytest.mark.parametrize(

@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="spiking weights W_hat = gain n_in W / std(W)" + _default("drive_gain"),
     )
+    rdd.add_argument(
+        "--noise-period",
+        type=float,
+        help="s: the phase's noise-driven subset is redrawn this often" + _default("noise_period"),
+    )
 
     run = parser.add_argument_group("execution")
     run.add_argument(

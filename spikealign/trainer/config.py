@@ -90,6 +90,7 @@ class TrainConfig:
     schedule: str = "reference"
     target: float = 80.0  # adaptive: predicted sign agreement (%) at which a layer stops
     drive_gain: float = 0.2  # W_hat = drive_gain * n_in * W / std(W) in the phase (METHOD 2)
+    noise_period: float = 0.1  # s, the phase's noise-driven subset is redrawn this often (METHOD 2)
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     dist_backend: str = "auto"  # under torchrun: "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo"
     seed: int = 0
@@ -252,6 +253,7 @@ class TrainConfig:
     def phase_config(self, seed: int | None = None):
         """The spiking phase's PhaseConfig (rule rdd). Every phase spends the whole rdd_time:
         with the adaptive schedule, on the least certain layer once all are at target."""
+        from spikealign.lif import LIFParams
         from spikealign.phase import PhaseConfig
 
         return PhaseConfig(
@@ -262,6 +264,7 @@ class TrainConfig:
             target=self.target,
             stop_at_target=False,
             drive_gain=self.drive_gain,
+            lif=LIFParams(noise_period=self.noise_period),
             seed=self.seed if seed is None else seed,
         )
 
