@@ -765,14 +765,17 @@ def _mixture_weights(likelihood: np.ndarray, tol: float = 1e-10) -> np.ndarray:
     from scipy.optimize import nnls
 
     n_components, n_samples = likelihood.shape
+    # The likelihood's columns have maximum 1. A step can zero the only component under which a
+    # far-out sample is likely; the floor keeps its ratio (and H) finite instead of 1e300.
+    floor = 1e-12
 
     def objective(x):
-        return -np.mean(np.log(np.maximum(x @ likelihood, 1e-300))) + x.sum()
+        return -np.mean(np.log(np.maximum(x @ likelihood, floor))) + x.sum()
 
     x = np.full(n_components, 1.0 / n_components)
     value = objective(x)
     for _ in range(200):
-        ratio = likelihood / np.maximum(x @ likelihood, 1e-300)
+        ratio = likelihood / np.maximum(x @ likelihood, floor)
         gradient = 1.0 - ratio.mean(1)
         # with g >= 0, f(x) - min f <= x^T g (convexity): stop at a duality gap below tol
         if gradient.min() >= -tol and x @ gradient <= tol:

@@ -496,3 +496,18 @@ def test_stopping_rule_stops_on_a_known_jump_and_not_on_noise():
         assert (value >= 80) == stops, value
         if not stops:
             assert value < 60  # pure noise: about a coin flip, not the 75 % of mean Phi(|z|)
+
+
+def test_criterion_survives_jumps_far_out_in_their_errors():
+    # 5,000 (beta, se) of fc1 of 1600-384-192-10 after 10 s with an unregularised adjustment and
+    # untrusted SEs, |beta| / se up to 39: a mix-SQP step used to zero the only prior component
+    # under which the far ones are likely, their ratio became 1e300 and H infinite (nnls raised)
+    from pathlib import Path
+
+    from scipy.special import ndtr
+
+    data = np.load(Path(__file__).parent / "data" / "criterion_far_jumps.npz")
+    beta, se = data["beta"].astype(np.float64), data["se"].astype(np.float64)
+    value = predicted_sign_agreement(beta, se)
+    # shrinkage keeps it below the naive mean of Phi(|z|), which is biased up
+    assert 50 < value < 100 * ndtr(np.abs(beta) / se).mean()
