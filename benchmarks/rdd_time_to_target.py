@@ -15,7 +15,10 @@ wall seconds per simulated second of both, and writes a PNG of sign agreement ag
 time per layer (``--plot``). ``--gains 0.05,0.1,0.2`` instead measures, per drive gain, the sign
 agreement after a 90 s reference phase (30 s per layer) and the adaptive time to the goal.
 
-    python benchmarks/rdd_time_to_target.py --seeds 0,1,2 --plot time_to_target.png
+``--noise-period 0.01`` runs both with the driven subset redrawn every 10 ms (METHOD: 100 ms).
+
+    python benchmarks/rdd_time_to_target.py --seeds 0,1,2 --target 81 --plot time_to_target.png
+    python benchmarks/rdd_time_to_target.py --seeds 0,1,2 --noise-period 0.01 --target 81 --cap 90
     python benchmarks/rdd_time_to_target.py --seeds 0 --gains 0.05,0.1,0.2,0.4
 """
 
