@@ -92,11 +92,11 @@ def schedules(args, sizes, seeds):
             target=args.target, drive_gain=args.gain,
         )  # fmt: skip
         final = ada.final_alignment()
-        # 50 % exactly: the layer's standard errors are not trusted yet (no claim to compare)
+        # NaN: the layer's standard errors are not trusted yet (no claim to compare)
         predicted = {
-            r["layer"]: r["predicted_sign_agreement"] if r["predicted_sign_agreement"] != 50 else
-            math.nan for r in ada.criterion
-        }  # fmt: skip
+            r["layer"]: r["predicted_sign_agreement"] if r["trusted"] else math.nan
+            for r in ada.criterion
+        }
         rows.append(
             {
                 "seed": seed,

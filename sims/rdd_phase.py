@@ -151,12 +151,24 @@ def main(argv=None) -> dict:
     )
     print_table(before, after)
     seconds = result.seconds_per_layer()
-    predicted = {record["layer"]: record["predicted_sign_agreement"] for record in result.criterion}
+    # the last criterion of each layer; None while its standard errors are not trusted
+    predicted = {
+        record["layer"]: record["predicted_sign_agreement"] if record["trusted"] else None
+        for record in result.criterion
+    }
+
+    def prediction(layer: str) -> str:
+        if layer not in predicted:
+            return ""
+        value = predicted[layer]
+        if value is None:
+            return " (standard errors not trusted yet)"
+        return f" (predicted {value:.1f} %)"
+
     print(
         f"schedule {args.schedule}: "
         + ", ".join(
-            f"{a['layer']} {s:g} s"
-            + (f" (predicted {predicted[a['layer']]:.1f} %)" if a["layer"] in predicted else "")
+            f"{a['layer']} {s:g} s{prediction(a['layer'])}"
             for a, s in zip(after, seconds, strict=True)
         )
     )

@@ -178,7 +178,9 @@ class PhaseResult:
     simulated_s: float
     windows: list[int]  # RDD windows recorded per fc layer
     schedule: list[tuple[int, float, float]]  # (fc index, start, end) of the segments run
-    criterion: list[dict]  # {"time", "layer", "predicted_sign_agreement"} after each segment (ols)
+    # {"time", "layer", "predicted_sign_agreement", "trusted"} after each segment (ols); untrusted
+    # standard errors (too few steps yet) count as infinite: 50 %
+    criterion: list[dict]
 
     def final_alignment(self) -> list[dict]:
         """The last alignment record of every fc layer, in order fc1, fc2, ..."""
@@ -354,6 +356,7 @@ class FeedbackPhase:
                             "time": end,
                             "layer": self.fc_names[driven],
                             "predicted_sign_agreement": criteria[driven],
+                            "trusted": estimator.se_trusted(),
                         }
                     )
                 if writer is not None:

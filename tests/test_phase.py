@@ -220,6 +220,8 @@ def test_adaptive_schedule_follows_the_criterion_reproduces_and_survives_resume(
             assert record["time"] == end and record["layer"] == f"fc{fc + 1}"
             criteria[fc] = record["predicted_sign_agreement"]
         assert 50 <= min(criteria.values()) and max(criteria.values()) < 90
+        # 40 steps per driven neuron (1.6 s of 40 neurons) come before the first segment ends
+        assert all(record["trusted"] for record in result.criterion)
     # a fresh phase with the same seed repeats the first, and one resumed from the state after
     # it repeats the second (the estimator statistics, SEs and residual variances carry over)
     again = adaptive(3)
@@ -258,6 +260,22 @@ def test_adaptive_schedule_ranks_layers_whose_errors_are_not_yet_trusted():
     assert phase.next_layer([0, 1, 1, 0], [92.0, 95.0], [92.0, 95.0]) is None  # both at target
     assert phase.next_layer([0, 1], [nan, 70.0]) == 0  # without ranks, no criterion is 50 %
     assert phase.next_layer([0, 1], [60.0, 70.0], [60.0, 70.0]) == 0  # the least certain
+
+
+def test_untrusted_layers_are_ranked_by_their_untrusted_errors_but_never_stop():
+    from spikealign.rdd import RDDParams
+
+    weights, feedbacks = weights_and_feedbacks()
+    never = adaptive(3, target=55.0, rdd=RDDParams(se_min_steps_per_neuron=1e9))
+    always = adaptive(3, target=99.0, rdd=RDDParams(se_min_steps_per_neuron=0.0))
+    gated, ungated = never.run(weights, feedbacks), always.run(weights, feedbacks)
+    # the gated phase runs to the cap (no layer is ever at target) along the ungated phase's
+    # schedule, whose criteria are exactly the gated phase's ranks
+    assert gated.simulated_s == pytest.approx(60.0) and gated.schedule == ungated.schedule
+    assert all(not r["trusted"] and r["predicted_sign_agreement"] == 50 for r in gated.criterion)
+    assert all(r["trusted"] and r["predicted_sign_agreement"] > 50 for r in ungated.criterion)
+    # ranked at 50 % (a tie: the lowest fc) fc1 would have taken every later segment
+    assert 1 in [fc for fc, _, _ in gated.schedule[2:]]
 
 
 def test_noise_period_is_a_phase_parameter(tmp_path, monkeypatch):
