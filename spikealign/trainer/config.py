@@ -29,6 +29,12 @@ DECAYED_RULES = ("fa", "rdd")
 ALIGNMENT_KEYS = ("angle_deg", "sign_agreement", "norm_ratio")
 #: Config fields that describe where and how a run executes, not what it computes; a resumed run
 #: may change them (``epochs`` to extend the run).
+#: Settings of the spiking feedback phase: given for another rule they would be silently unused.
+PHASE_FIELDS = (
+    "rdd_every", "rdd_time", "estimator", "update", "schedule", "target", "drive_gain",
+    "noise_period",
+)  # fmt: skip
+
 RUNTIME_FIELDS = (
     "data_dir", "download", "device", "dist_backend", "workers", "epochs", "loader", "compile",
     "cuda_graph",
@@ -116,6 +122,12 @@ class TrainConfig:
     def from_flags(cls, values: dict) -> TrainConfig:
         """A new run's config: ``values`` (the flags given) over the values of ``values['recipe']``
         (if any) over the defaults."""
+        phase_flags = [f"--{n.replace('_', '-')}" for n in PHASE_FIELDS if n in values]
+        if phase_flags and values.get("rule", "rdd") != "rdd":
+            raise UserError(
+                f"{', '.join(phase_flags)}: only for rule rdd (the spiking phase), but the rule is "
+                f"{values['rule']}"
+            )
         name = values.get("recipe")
         if name is None:
             return cls(**values)
