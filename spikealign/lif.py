@@ -28,7 +28,8 @@ period blocks spikes only; ``v`` keeps integrating. The equations are integrated
 linear), so a constant drive follows ``v(t) = 6/7 B (1 - exp(-(g_L + g_D) t))``.
 
 Noise: at any moment a random ``noise_fraction`` (20 %) of the driven layer receives Poisson spikes
-at ``noise_rate`` (200 Hz); the subset is redrawn every ``noise_period`` (100 ms). The random
+at ``noise_rate`` (200 Hz); the subset is redrawn every ``noise_period`` (100 ms; a parameter
+of the program, so another value builds and caches its own, ``--noise-period``). The random
 numbers come from a counter-based generator (a hash of seed, layer, neuron and time step), so a
 phase is reproducible from its seed and independent of how it is cut into segments.
 
