@@ -366,6 +366,9 @@ def test_bad_image_size():
         ("svhn", "train_32x32.mat"),
         ("cifar10", "cifar-10-batches-py"),
         ("voc", "VOCdevkit"),
+        ("mnist", "MNIST"),  # the theory experiments' datasets (test_data_theory.py)
+        ("cifar100", "cifar-100-python"),
+        ("tiny-imagenet", "tiny-imagenet-200"),
     ],
 )
 def test_missing_files_name_the_path_and_the_fetch_command(tmp_path, name, expected):

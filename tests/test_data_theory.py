@@ -18,7 +18,7 @@ from PIL import Image
 
 from spikealign.data import load_dataset
 from spikealign.errors import UserError
-from tests.test_data import fashion_images, normalised, write_idx
+from tests.test_data import assert_one_line, fashion_images, normalised, write_idx
 
 
 @pytest.fixture
@@ -144,42 +144,24 @@ def test_tiny_imagenet_loads_the_folder_layout(tmp_path):
     assert load_dataset("tiny-imagenet", tmp_path, image_size=32).train[0][0].shape == (3, 32, 32)
 
 
-def one_line(err) -> str:
-    message = str(err.value)
-    assert "\n" not in message
-    return message
-
-
-@pytest.mark.parametrize(
-    "name, expected",
-    [("mnist", "MNIST"), ("cifar100", "cifar-100-python"), ("tiny-imagenet", "tiny-imagenet-200")],
-)
-def test_missing_files_name_the_path_and_the_fetch_command(tmp_path, name, expected):
-    with pytest.raises(UserError) as err:
-        load_dataset(name, tmp_path)
-    message = one_line(err)
-    assert f"(expected {tmp_path / expected})" in message
-    assert f"--dataset {name} --data-dir {tmp_path} --download" in message
-
-
 def test_broken_files_are_one_line_errors(tmp_path, md5_free):
     write_cifar100(tmp_path / "c")
     (tmp_path / "c" / "cifar-100-python" / "test").write_bytes(b"\x80\x02broken")
     with pytest.raises(UserError) as err:
         load_dataset("cifar100", tmp_path / "c")
-    assert "corrupt" in one_line(err)
+    assert "corrupt" in assert_one_line(err)
 
     base = write_tiny_imagenet(tmp_path / "t", wnids=WNIDS)
     (base / "wnids.txt").write_text("\n".join(WNIDS[:150]) + "\n")
     with pytest.raises(UserError) as err:
         load_dataset("tiny-imagenet", tmp_path / "t")
-    assert "150 classes, expected 200" in one_line(err)
+    assert "150 classes, expected 200" in assert_one_line(err)
 
     (base / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
     (base / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99999999\t0\t0\t1\t1\n")
     with pytest.raises(UserError) as err:
         load_dataset("tiny-imagenet", tmp_path / "t")
-    assert "no known wnid" in one_line(err) and "delete" in one_line(err)
+    assert "no known wnid" in assert_one_line(err) and "delete" in assert_one_line(err)
 
     (base / "val" / "val_annotations.txt").write_text(f"gone.JPEG\t{WNIDS[0]}\t0\t0\t1\t1\n")
     with pytest.raises(UserError, match="gone.JPEG"):
@@ -190,7 +172,7 @@ def test_broken_files_are_one_line_errors(tmp_path, md5_free):
     bundle = load_dataset("tiny-imagenet", tmp_path / "t")
     with pytest.raises(UserError) as err:
         bundle.test[0]
-    assert "cannot decode Tiny ImageNet image" in one_line(err)
+    assert "cannot decode Tiny ImageNet image" in assert_one_line(err)
 
 
 def test_tiny_imagenet_download_unpacks_the_archive(tmp_path, monkeypatch):
