@@ -344,19 +344,19 @@ class FeedbackPhase:
                     self._alignment_record(end, driven, weights[driven], feedbacks[driven])
                 )
                 if hasattr(estimator, "standard_errors"):
-                    criteria[driven] = predicted_sign_agreement(beta, estimator.standard_errors())
-                    ranks[driven] = criteria[driven]
-                    if self._early_ranks and not estimator.se_trusted():
-                        # too optimistic to stop a layer, but they still say which is behind
-                        ranks[driven] = predicted_sign_agreement(
-                            beta, estimator.standard_errors(trusted_only=False)
-                        )
+                    # untrusted SEs are too optimistic to stop a layer, but with early ranks
+                    # they still say which layer is behind
+                    se = estimator.standard_errors(trusted_only=not self._early_ranks)
+                    ranks[driven] = predicted_sign_agreement(beta, se)
+                    trusted = estimator.se_trusted()
+                    # untrusted, the criterion is that of infinite SEs: 50 %, no claim
+                    criteria[driven] = ranks[driven] if trusted else 50.0
                     criterion_records.append(
                         {
                             "time": end,
                             "layer": self.fc_names[driven],
                             "predicted_sign_agreement": criteria[driven],
-                            "trusted": estimator.se_trusted(),
+                            "trusted": trusted,
                         }
                     )
                 if writer is not None:
