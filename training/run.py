@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--dist-backend",
-        choices=("auto", "nccl", "gloo"),
+        choices=distributed.BACKENDS,
         help="process-group backend under torchrun: auto is nccl on CUDA, gloo on the CPU"
         + _default("dist_backend"),
     )
