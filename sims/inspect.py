@@ -72,21 +72,24 @@ def format_summary(summary: dict) -> str:
             segment["end"] - segment["start"]
         )
     driven = ", ".join(f"{layer} {seconds:g} s" for layer, seconds in per_layer.items())
+    # a segment that drove several layers has one row per layer, with equal start and end
+    grouped: dict[tuple[float, float], list[str]] = {}
+    for segment in segments:
+        grouped.setdefault((segment["start"], segment["end"]), []).append(segment["layer"])
     lines.append(
-        f"schedule:  {summary['schedule_kind'] or 'unknown'}, {len(segments)} segments"
+        f"schedule:  {summary['schedule_kind'] or 'unknown'}, {len(grouped)} segments"
         + (f" (driven: {driven})" if driven else "")
     )
-    listed = segments
-    if len(segments) > MAX_SEGMENTS_LISTED:
+    listed = list(grouped.items())
+    if len(listed) > MAX_SEGMENTS_LISTED:
         half = MAX_SEGMENTS_LISTED // 2
-        listed = segments[:half] + [None] + segments[-half:]
-    for segment in listed:
-        if segment is None:
-            lines.append(f"  ... {len(segments) - 2 * half} more ...")
+        listed = listed[:half] + [None] + listed[-half:]
+    for entry in listed:
+        if entry is None:
+            lines.append(f"  ... {len(grouped) - 2 * half} more ...")
         else:
-            lines.append(
-                f"  {segment['start']:9.3f} - {segment['end']:9.3f} s  {segment['layer']} driven"
-            )
+            (start, end), layers = entry
+            lines.append(f"  {start:9.3f} - {end:9.3f} s  {' + '.join(layers)} driven")
 
     criterion = summary["criterion"]
     if criterion:

@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=SCHEDULES,
         default="reference",
         help="reference: --duration split evenly (METHOD 3); adaptive: segments go to the least "
-        "certain layer until every layer reaches --target, --duration is the cap (needs ols)",
+        "certain layer (with every layer two or more apart estimated in the same segment) until "
+        "every layer reaches --target, --duration is the cap (needs ols)",
     )
     parser.add_argument(
         "--target", type=float, default=80.0, help="adaptive: predicted sign agreement %% (80)"

@@ -11,12 +11,15 @@ run exactly as two decaying traces per neuron: a spike arriving through weight `
 both ``trace_L`` and ``trace_s``, and ``drive = (trace_L - trace_s) / kernel_norm`` with
 ``kernel_norm = (tau_L - tau_s) / dt``.
 
-Drive ``B`` of a neuron (called ``drive`` below): in the noise-driven layer
-``B = alpha * (kappa * noise spikes)``; elsewhere ``B = sum_j W_hat_ij (kappa * spikes_j)`` of the
-layer below with ``W_hat = drive_gain * n_in * W / std(W)`` (``drive_gain`` is 0.2 in METHOD 2; it
-is set per phase, :class:`spikealign.phase.PhaseConfig`, and is no part of the program). Biases,
-batch norm and ReLU are not part of the spiking network; layers below the driven one receive
-nothing and stay silent.
+Drive ``B`` of a neuron (called ``drive`` below): in a noise-driven layer
+``B = alpha * (kappa * noise spikes)`` and nothing else (its synaptic input is dropped);
+elsewhere ``B = sum_j W_hat_ij (kappa * spikes_j)`` of the layer below with
+``W_hat = drive_gain * n_in * W / std(W)`` (``drive_gain`` is 0.2 in METHOD 2; it is set per
+phase, :class:`spikealign.phase.PhaseConfig`, and is no part of the program). Biases, batch norm
+and ReLU are not part of the spiking network; layers below the driven one receive nothing and stay
+silent. Several layers can be driven at once: two that are not adjacent (say 0 and 2) each see
+exactly what they would see alone, because a driven layer ignores the spikes of the layer below
+it, and the layer between them listens only to the lower one.
 
 Membrane and input drive::
 
@@ -65,8 +68,10 @@ from pathlib import Path
 
 import numpy as np
 
+from spikealign.rdd import Windows
+
 #: Bump when the generated program changes, so old cached builds are not reused.
-PROGRAM_VERSION = 3
+PROGRAM_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -122,14 +127,14 @@ layer_id : integer (shared, constant)
 #: Spike: reset the potential (u is left alone) and count the spike if a window is open.
 SPIKE_RESET = "v = v_reset\nwindow_spikes += int(in_window)"
 
-#: Input of this step (synaptic spikes and, in the driven layer, noise spikes) enters both kernel
-#: traces at once; synapses write one variable so each synaptic event costs one addition.
+#: Input of this step enters both kernel traces at once: synaptic spikes, or in a driven layer noise
+#: spikes alone (METHOD 2); synapses write one variable so each synaptic event costs one addition.
 NOISE_CODE = """
 step = int((t + t_offset) / dt + 0.5)
 subset = int((t + t_offset) / noise_period + 0.5*dt/noise_period)
 noise = int(driven and hash_uniform(seed, layer_id * 2 + 0, i, subset) < noise_fraction \
 and hash_uniform(seed, layer_id * 2 + 1, i, step) < noise_rate * dt)
-incoming += alpha * noise
+incoming = incoming * int(not driven) + alpha * noise
 trace_L += incoming
 trace_s += incoming
 incoming = 0
@@ -211,11 +216,7 @@ class SegmentRecord:
 
     spike_times: list[np.ndarray]  # per layer
     spike_indices: list[np.ndarray]  # per layer
-    window_neuron: np.ndarray  # windows of the driven layer
-    window_start: np.ndarray
-    window_end: np.ndarray
-    window_u_max: np.ndarray
-    window_spikes: np.ndarray
+    windows: dict[int, Windows]  # RDD windows of each driven layer
 
 
 def default_cache_dir() -> Path:
@@ -460,29 +461,33 @@ class LIFProgram:
         self,
         weights: list[np.ndarray],
         state: list[dict[str, np.ndarray]],
-        driven_layer: int,
+        driven_layers: tuple[int, ...],
         seed: int,
         t_offset: float,
     ) -> tuple[SegmentRecord, list[dict[str, np.ndarray]]]:
         """Run one segment from ``state`` and return what it recorded and the final state.
 
         ``weights`` are the spiking network's synaptic weights (already scaled, out x in, one per
-        fc layer); ``t_offset`` is the segment's start in seconds since the phase began. Values
-        are in SI units (seconds).
+        fc layer); ``driven_layers`` the noise-driven layers (indices into the sizes);
+        ``t_offset`` is the segment's start in seconds since the phase began. Values are in SI
+        units (seconds).
         """
-        return self.start_segment(weights, state, driven_layer, seed, t_offset).result()
+        return self.start_segment(weights, state, driven_layers, seed, t_offset).result()
 
     def start_segment(
         self,
         weights: list[np.ndarray],
         state: list[dict[str, np.ndarray]],
-        driven_layer: int,
+        driven_layers: tuple[int, ...],
         seed: int,
         t_offset: float,
     ) -> RunningSegment:
         """:meth:`run_segment` in the background: the caller can estimate from the previous
         segment while this one is simulated, then collect it with ``.result()``."""
         manifest = self._manifest
+        driven_layers = tuple(sorted(int(layer) for layer in driven_layers))
+        if not driven_layers or not all(0 <= l < len(self.sizes) for l in driven_layers):
+            raise ValueError(f"driven layers must be layers 0..{len(self.sizes) - 1}")
         values = []
         for entry, (pre, post), weight in zip(
             manifest["synapses"], self._synapse_order, weights, strict=True
@@ -494,7 +499,7 @@ class LIFProgram:
                 if name == "lastspike":  # the program's clock restarts at 0 every segment
                     value = np.asarray(value) - t_offset
                 values.append((entries[name], value))
-            values.append((entries["driven"], index == driven_layer))
+            values.append((entries["driven"], index in driven_layers))
             values.append((entries["t_offset"], t_offset))
             values.append((entries["seed"], int(seed)))
 
@@ -517,15 +522,15 @@ class LIFProgram:
         except BaseException:
             scratch.cleanup()
             raise
-        return RunningSegment(self, process, scratch, results, driven_layer, t_offset)
+        return RunningSegment(self, process, scratch, results, driven_layers, t_offset)
 
 
 class RunningSegment:
     """A segment being simulated by the compiled program in a separate process."""
 
-    def __init__(self, program: LIFProgram, process, scratch, results, driven_layer, t_offset):
+    def __init__(self, program: LIFProgram, process, scratch, results, driven_layers, t_offset):
         self._program, self._process, self._scratch = program, process, scratch
-        self._results, self._driven_layer, self._t_offset = results, driven_layer, t_offset
+        self._results, self._driven_layers, self._t_offset = results, driven_layers, t_offset
 
     def result(self) -> tuple[SegmentRecord, list[dict[str, np.ndarray]]]:
         """Wait for the segment; (what it recorded, the final state)."""
@@ -555,17 +560,20 @@ class RunningSegment:
             return np.fromfile(os.path.join(self._results, entry["file"]), dtype=entry["dtype"])
 
         spikes = manifest["spikes"]
-        windows = {
-            name: read(entry) for name, entry in manifest["windows"][self._driven_layer].items()
-        }
+        windows = {}
+        for layer in self._driven_layers:
+            columns = {name: read(entry) for name, entry in manifest["windows"][layer].items()}
+            windows[layer] = Windows(
+                neuron=columns["i"].astype(np.int32),
+                start=columns["window_start"].astype(np.float64),
+                end=columns["t"] + t_offset,
+                u_max=columns["u_max"].astype(np.float64),
+                spikes=columns["window_spikes"].astype(np.int32),
+            )
         record = SegmentRecord(
             spike_times=[read(entries["t"]) + t_offset for entries in spikes],
             spike_indices=[read(entries["i"]).astype(np.int32) for entries in spikes],
-            window_neuron=windows["i"].astype(np.int32),
-            window_start=windows["window_start"].astype(np.float64),
-            window_end=windows["t"] + t_offset,
-            window_u_max=windows["u_max"].astype(np.float64),
-            window_spikes=windows["window_spikes"].astype(np.int32),
+            windows=windows,
         )
         new_state = []
         for entries in manifest["layers"]:

@@ -13,15 +13,21 @@ drives:
 * ``adaptive``: every layer gets one segment, then each segment goes to the layer whose estimate is
   least certain, the lowest predicted sign agreement ``P_l`` (:func:`spikealign.rdd.
   predicted_sign_agreement`, computed from the recorded data alone) among the layers still below
-  ``target``. A layer counts as at target only once its standard errors are trusted
-  (:meth:`spikealign.rdd.OLSEstimator.se_trusted`); before that it is ranked by the prediction
-  from its untrusted ones, which are too small early on but still say which layer is behind
-  (without them a wide fc1, whose errors are trusted last, would take every segment until then).
-  The phase ends when every layer has reached ``target`` (``stop_at_target``) or after
-  ``duration`` seconds, the time cap. Without ``stop_at_target`` the whole ``duration`` is spent,
-  on the least certain layer once all are at target. The choice depends only on the data, so the
-  schedule is reproducible from the seed; the next segment is simulated speculatively while the
-  last is estimated and restarted when the estimate changes the choice.
+  ``target``; when the phase spends its whole budget (the trainer), a layer that would otherwise
+  fall a whole segment behind the reference's even split goes first, so no layer gets less time
+  than the reference would give it. Layers whose driven and outcome layers are disjoint (fc l and
+  fc l+2, ...) are estimated in the same segment: a driven layer takes no synaptic input (METHOD
+  2), so each sees exactly what it would see alone, and the simulated second serves both
+  (:meth:`FeedbackPhase.next_segment`). A layer counts as at target only once its standard
+  errors are trusted (:meth:`spikealign.rdd.OLSEstimator.se_trusted`); before that it is ranked
+  by the prediction from its untrusted ones, which are too small early on but still say which
+  layer is behind (without them a wide fc1, whose errors are trusted last, would take every
+  segment until then). The phase ends when every layer has reached ``target``
+  (``stop_at_target``) or after ``duration`` seconds, the time cap. Without ``stop_at_target``
+  the whole ``duration`` is spent, on the least certain layer once all are at target. The choice
+  depends only on the data, so the schedule is reproducible from the seed; the next segment is
+  simulated speculatively while the last is estimated and restarted when the estimate changes the
+  choice.
 
 Drive gain (METHOD 2): the spiking network's weights are ``W_hat = drive_gain * n_in * W /
 std(W)``, 0.2 in the reference.
@@ -52,12 +58,11 @@ from pathlib import Path
 import numpy as np
 
 from spikealign.errors import UserError
-from spikealign.lif import LIFParams, LIFProgram, SegmentRecord, scaled_weights
+from spikealign.lif import LIFParams, LIFProgram, scaled_weights
 from spikealign.metrics import alignment
 from spikealign.rdd import (
     ESTIMATORS,
     RDDParams,
-    Windows,
     filtered_spikes,
     make_estimator,
     predicted_sign_agreement,
@@ -68,6 +73,10 @@ SCHEDULES = ("reference", "adaptive")
 
 #: Spikes of the layer above are filtered from this long before a segment (kappa has decayed).
 _HISTORY_S = 0.2
+#: A layer that was not driven in the previous segment still carries that segment's synaptic
+#: input in its kernel traces for a while (10 tau_L: e^-10 of it is left): its windows opened
+#: before then are not samples of the noise-driven regime and are left out.
+SETTLE_S = 0.1
 
 #: Memory per synapse of a phase, roughly: W, Y (three copies), the scaled W and the program's
 #: copy (float64 each), the synapse order (2 x int64), the estimator state (about 6 float64), the
@@ -177,7 +186,9 @@ class PhaseResult:
     build_s: float  # building or loading the compiled program (about 0 when already loaded)
     simulated_s: float
     windows: list[int]  # RDD windows recorded per fc layer
-    schedule: list[tuple[int, float, float]]  # (fc index, start, end) of the segments run
+    # (fc index, start, end) per fc layer each segment estimated; layers estimated in the same
+    # segment (adaptive) share start and end
+    schedule: list[tuple[int, float, float]]
     # {"time", "layer", "predicted_sign_agreement", "trusted"} after each segment (ols); untrusted
     # standard errors (too few steps yet) count as infinite: 50 %
     criterion: list[dict]
@@ -243,29 +254,59 @@ class FeedbackPhase:
             )
         return steps * dt, per_layer * len(self.fc_names)
 
-    def next_layer(
-        self, driven: list[int], criteria: list[float], ranks: list[float] | None = None
-    ) -> int | None:
-        """The fc layer the next segment drives, after segments that drove ``driven``; None ends
+    def next_segment(
+        self,
+        segments: list[tuple[int, ...]],
+        criteria: list[float],
+        ranks: list[float] | None = None,
+    ) -> tuple[int, ...] | None:
+        """The fc layers the next segment estimates (their driven layers are noise-driven
+        together), after ``segments`` (the fc layers each earlier segment estimated); None ends
         the phase. ``criteria``: each layer's predicted sign agreement from trusted standard
         errors (NaN: none yet), which says whether it is at target; ``ranks``: the prediction
-        that orders the layers below target (default ``criteria``; NaN counts as 50 %)."""
+        that orders the layers (default ``criteria``; NaN counts as 50 %).
+
+        Adaptive: a layer that has not been estimated yet goes first. Then, when the phase
+        spends its whole budget (``stop_at_target`` off, as in the trainer), a layer that would
+        otherwise fall a whole segment behind an even split of the segments so far: no layer gets
+        less time than the reference schedule would give it. Otherwise the least certain layer
+        below target (of all, once all are at target). Every other running layer (below target;
+        every layer when the budget is spent) that can be estimated at the same time joins it,
+        least certain first: fc l and fc m can when ``|l - m| >= 2``, as their driven and outcome
+        layers are then four different layers (a driven layer takes no synaptic input,
+        :mod:`spikealign.lif`). Layers that joined count as estimated.
+        """
         _, n_segments = self.segment_plan()
         n_fc = len(self.fc_names)
-        if len(driven) >= n_segments:
+        if len(segments) >= n_segments:
             return None
         if self.config.schedule == "reference":
-            return len(driven) * n_fc // n_segments
-        for fc in range(n_fc):  # first every layer once
-            if fc not in driven:
-                return fc
+            return (len(segments) * n_fc // n_segments,)
         values = np.asarray(criteria, dtype=np.float64)
         order = np.nan_to_num(np.asarray(criteria if ranks is None else ranks, float), nan=50.0)
         below = ~(values >= self.config.target)  # NaN: not known to be at target
         if not below.any() and self.config.stop_at_target:
             return None
-        candidates = np.flatnonzero(below) if below.any() else np.arange(n_fc)
-        return int(candidates[np.argmin(order[candidates])])  # least certain; ties: lowest fc
+        running = np.flatnonzero(below) if self.config.stop_at_target else np.arange(n_fc)
+        counts = np.zeros(n_fc)
+        for segment in segments:
+            counts[list(segment)] += 1
+        # behind by a whole segment after this one, if it went elsewhere
+        debt = (len(segments) + 1) / n_fc - counts
+        unseen = [fc for fc in running if counts[fc] == 0]
+        owed = [fc for fc in running if debt[fc] >= 1 - 1e-9]
+        if unseen:
+            first = unseen[0]
+        elif owed and not self.config.stop_at_target:
+            first = min(owed, key=lambda fc: (-debt[fc], order[fc], fc))
+        else:
+            candidates = np.flatnonzero(below) if below.any() else np.arange(n_fc)
+            first = int(candidates[np.argmin(order[candidates])])  # least certain; ties: lowest
+        chosen = [int(first)]
+        for fc in sorted(running, key=lambda fc: (order[fc], fc)):
+            if all(abs(int(fc) - other) >= 2 for other in chosen):
+                chosen.append(int(fc))
+        return tuple(sorted(chosen))
 
     def program(self) -> LIFProgram:
         """The compiled program for this shape (built or loaded from the cache on first use)."""
@@ -300,7 +341,7 @@ class FeedbackPhase:
             records.append(self._alignment_record(0.0, fc, weights[fc], feedback))
         criteria = [math.nan] * len(self.fc_names)
         ranks = [math.nan] * len(self.fc_names)
-        driven_so_far: list[int] = []
+        segments: list[tuple[int, ...]] = []  # the fc layers each segment estimated
         schedule: list[tuple[int, float, float]] = []
         criterion_records: list[dict] = []
 
@@ -315,63 +356,79 @@ class FeedbackPhase:
             bar = self._progress_bar(segment * n_segments)
             wall_start = time.perf_counter()
             seed = self.config.seed
-            driven = self.next_layer(driven_so_far, criteria, ranks)
-            pending = program.start_segment(scaled, state, driven, seed, 0.0)
-            while driven is not None:
-                start = len(driven_so_far) * segment
+            chosen = self.next_segment(segments, criteria, ranks)
+            pending = program.start_segment(scaled, state, chosen, seed, 0.0)
+            while chosen is not None:
+                start = len(segments) * segment
                 end = start + segment
                 record, state = pending.result()
                 pending = None
-                driven_so_far.append(driven)
-                schedule.append((driven, start, end))
+                segments.append(chosen)
                 # simulate the likely next segment while estimating this one
-                guess = self.next_layer(driven_so_far, criteria, ranks)
+                guess = self.next_segment(segments, criteria, ranks)
                 if guess is not None:
                     pending = program.start_segment(scaled, state, guess, seed, end)
-                windows = Windows(
-                    record.window_neuron,
-                    record.window_start,
-                    record.window_end,
-                    record.window_u_max,
-                    record.window_spikes,
-                )
-                window_counts[driven] += len(windows)
-                self._estimate(driven, windows, record, history, start, end)
-                estimator = self._estimators[driven]
-                beta = estimator.beta()
-                feedbacks[driven] = self._update(driven, feedbacks[driven], beta)
-                records.append(
-                    self._alignment_record(end, driven, weights[driven], feedbacks[driven])
-                )
-                if hasattr(estimator, "standard_errors"):
-                    # untrusted SEs are too optimistic to stop a layer, but with early ranks
-                    # they still say which layer is behind
-                    se = estimator.standard_errors(trusted_only=not self._early_ranks)
-                    ranks[driven] = predicted_sign_agreement(beta, se)
-                    trusted = estimator.se_trusted()
-                    # untrusted, the criterion is that of infinite SEs: 50 %, no claim
-                    criteria[driven] = ranks[driven] if trusted else 50.0
-                    criterion_records.append(
-                        {
-                            "time": end,
-                            "layer": self.fc_names[driven],
-                            "predicted_sign_agreement": criteria[driven],
-                            "trusted": trusted,
-                        }
-                    )
                 if writer is not None:
-                    self._log_segment(
-                        writer, record, windows, driven, start, end, records[-1], criteria[driven]
-                    )
+                    for layer, (times, indices) in enumerate(
+                        zip(record.spike_times, record.spike_indices, strict=True)
+                    ):
+                        writer.append_spikes(layer, times, indices)
+                # every layer's spikes with the last _HISTORY_S before the segment: the kernels
+                # of the previous segment's spikes reach into this one, whichever layers it drove
+                spikes = []
+                for layer, (times, indices) in enumerate(
+                    zip(record.spike_times, record.spike_indices, strict=True)
+                ):
+                    if layer in history:
+                        times = np.concatenate([history[layer][0], times])
+                        indices = np.concatenate([history[layer][1], indices])
+                    keep = times >= end - _HISTORY_S
+                    history[layer] = (times[keep], indices[keep])
+                    spikes.append((times, indices))
+                for fc in chosen:  # fc l is estimated from driven layer l (0-based)
+                    windows = record.windows[fc]
+                    settled = start
+                    if len(segments) > 1 and fc not in segments[-2]:
+                        settled = start + SETTLE_S
+                        windows = windows.select(windows.start >= settled)
+                    schedule.append((fc, start, end))
+                    window_counts[fc] += len(windows)
+                    self._estimate(fc, windows, spikes, start, end, settled)
+                    estimator = self._estimators[fc]
+                    beta = estimator.beta()
+                    feedbacks[fc] = self._update(fc, feedbacks[fc], beta)
+                    records.append(self._alignment_record(end, fc, weights[fc], feedbacks[fc]))
+                    if hasattr(estimator, "standard_errors"):
+                        # untrusted SEs are too optimistic to stop a layer, but with early ranks
+                        # they still say which layer is behind
+                        se = estimator.standard_errors(trusted_only=not self._early_ranks)
+                        ranks[fc] = predicted_sign_agreement(beta, se)
+                        trusted = estimator.se_trusted()
+                        # untrusted, the criterion is that of infinite SEs: 50 %, no claim
+                        criteria[fc] = ranks[fc] if trusted else 50.0
+                        criterion_records.append(
+                            {
+                                "time": end,
+                                "layer": self.fc_names[fc],
+                                "predicted_sign_agreement": criteria[fc],
+                                "trusted": trusted,
+                            }
+                        )
+                    if writer is not None:
+                        self._log_estimate(
+                            writer, windows, fc, start, end, records[-1], criteria[fc]
+                        )
+                if writer is not None:
+                    writer.flush(end)
                 if bar is not None:
                     bar.update(end - start)
-                driven = self.next_layer(driven_so_far, criteria, ranks)
-                if driven != guess:  # the estimate changed the choice: restart the next segment
+                chosen = self.next_segment(segments, criteria, ranks)
+                if chosen != guess:  # the estimate changed the choice: restart the next segment
                     if pending is not None:
                         pending.cancel()
                         pending = None
-                    if driven is not None:
-                        pending = program.start_segment(scaled, state, driven, seed, end)
+                    if chosen is not None:
+                        pending = program.start_segment(scaled, state, chosen, seed, end)
             betas = [estimator.beta().T.copy() for estimator in self._estimators]
             if writer is not None:
                 for fc, name in enumerate(self.fc_names):
@@ -400,20 +457,10 @@ class FeedbackPhase:
             criterion=criterion_records,
         )
 
-    def _estimate(self, driven, windows, record: SegmentRecord, history, start, end) -> None:
+    def _estimate(self, driven, windows, spikes, start, end, settled) -> None:
         """Give the windows, the filtered spikes of the layer above and, for the adjusted OLS, the
-        driven layer's activity to the estimator."""
+        driven layer's activity to the estimator. ``spikes``: (times, indices) per layer."""
         p = self.config.lif
-        layers = (driven + 1, driven) if self._needs_activity else (driven + 1,)
-        spikes = {}
-        for layer in layers:
-            times, indices = record.spike_times[layer], record.spike_indices[layer]
-            if layer in history:  # spikes from the end of the previous segment matter early on
-                times = np.concatenate([history[layer][0], times])
-                indices = np.concatenate([history[layer][1], indices])
-            keep = times >= end - _HISTORY_S
-            history[layer] = (times[keep], indices[keep])
-            spikes[layer] = (times, indices)
         if len(windows) == 0:
             return
         first_time = min(start, float(windows.start.min())) - _HISTORY_S
@@ -430,7 +477,7 @@ class FeedbackPhase:
             first_step,
             p.dt,
             activity=activity,
-            since_step=round(start / p.dt),
+            since_step=round(settled / p.dt),
             early_se=self._early_ranks,
         )
 
@@ -536,27 +583,22 @@ class FeedbackPhase:
         writer.flush(0.0)
         return writer
 
-    def _log_segment(
-        self, writer, record, windows, driven, start, end, alignment_record, criterion
-    ) -> None:
-        for layer, (times, indices) in enumerate(
-            zip(record.spike_times, record.spike_indices, strict=True)
-        ):
-            writer.append_spikes(layer, times, indices)
+    def _log_estimate(self, writer, windows, fc, start, end, alignment_record, criterion) -> None:
+        """Log what estimating ``fc`` from one segment gave (its driven layer's windows, the
+        schedule row, criterion and alignment); the segment's spikes are logged once."""
         writer.append_windows(
-            driven, windows.neuron, windows.start, windows.end, windows.u_max, windows.spikes > 0
+            fc, windows.neuron, windows.start, windows.end, windows.u_max, windows.spikes > 0
         )
-        writer.append_schedule(driven, start, end)
+        writer.append_schedule(fc, start, end)
         if not math.isnan(criterion):
-            writer.append_criterion(end, driven, criterion)
+            writer.append_criterion(end, fc, criterion)
         writer.append_alignment(
             end,
-            driven,
+            fc,
             alignment_record["angle_deg"],
             alignment_record["sign_agreement"],
             alignment_record["norm_ratio"],
         )
-        writer.flush(end)
 
     def _progress_bar(self, total: float):
         if not self.progress:

@@ -134,6 +134,12 @@ class Windows:
     def __len__(self) -> int:
         return len(self.neuron)
 
+    def select(self, keep: np.ndarray) -> Windows:
+        """The windows where ``keep`` (a boolean mask or indices) holds."""
+        return Windows(
+            self.neuron[keep], self.start[keep], self.end[keep], self.u_max[keep], self.spikes[keep]
+        )
+
 
 def filtered_spikes(
     spike_times: np.ndarray,

@@ -1,11 +1,12 @@
-"""HDF5 spike log of the spiking feedback-training phase (schema version 2).
+"""HDF5 spike log of the spiking feedback-training phase (schema version 3).
 
 One file holds one phase: the spikes of every LIF layer, the RDD window events of the noise-driven
 layers, the drive schedule that was run, the alignment between forward weights W and feedback Y as
 the run goes, the stopping criterion (predicted sign agreement) after every segment, and at the
 end W, Y before/after and the causal-effect estimates beta of every fully connected weight matrix.
-The layout is documented as a table in docs/spikelog.md. Version 2 added ``/criterion``; the reader
-opens version 1 logs too and gives them an empty criterion table.
+The layout is documented as a table in docs/spikelog.md. Version 2 added ``/criterion``; version 3
+lets one segment drive several layers (one schedule row each, with equal start and end). The
+reader opens versions 1 and 2 too and gives version 1 an empty criterion table.
 
 Writing (:class:`SpikeLogWriter`) is crash-safe: after the writing process dies at any moment
 (``kill -9`` included), the reader returns exactly the data of the last commit, or says the log is
@@ -62,7 +63,8 @@ from spikealign.outputs import (
 )
 
 FORMAT = "spikealign.spikelog"
-VERSION = 2  # 2: SWMR, chunk-aligned flushes, /status/commits, /criterion; 1 is still read
+VERSION = 3  # 2: SWMR, chunk-aligned flushes, /status/commits, /criterion; 3: segments driving
+# several layers (rows with equal start and end); 1 and 2 are still read
 PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
 COMMITS = "status/commits"
@@ -344,7 +346,8 @@ class SpikeLogWriter:
         self._queue(f"windows/{self.layer_names[l]}", columns)
 
     def append_schedule(self, layer: int | str, start: float, end: float) -> None:
-        """Queue one schedule segment: ``layer`` was noise-driven from ``start`` to ``end`` (s)."""
+        """Queue one schedule row: ``layer`` was noise-driven from ``start`` to ``end`` (s). A
+        segment driving several layers gets one row per layer, with the same start and end."""
         self._check_open()
         l = _resolve(layer, self.layer_names, "layer", "append_schedule")
         if not (np.isfinite(start) and np.isfinite(end) and end > start):
@@ -885,7 +888,8 @@ class SpikeLog:
         return table
 
     def schedule(self) -> dict[str, np.ndarray]:
-        """Segments: driven layer index, start and end (s)."""
+        """Schedule rows: driven layer index, start and end (s); one row per driven layer, so a
+        segment driving several layers has several rows with equal start and end."""
         table = self._table("schedule", SCHEDULE_COLUMNS)
         self._check_index(table["layer"], len(self.sizes), "/schedule/layer")
         if np.any(table["start"] >= table["end"]):
@@ -941,7 +945,8 @@ class SpikeLog:
     # -- derived --------------------------------------------------------------------------------
 
     def simulated_seconds(self, layer: int | str) -> float:
-        """Time the layer was simulated: schedule segments driving it or a layer below it.
+        """Time the layer was simulated: schedule segments driving it or a layer below it, each
+        segment counted once (however many layers it drove).
 
         A log without schedule segments counts the whole ``simulated_until``.
         """
@@ -950,7 +955,10 @@ class SpikeLog:
         if len(schedule["layer"]) == 0:
             return self.simulated_until
         simulated = schedule["layer"] <= l
-        return float(np.sum(schedule["end"][simulated] - schedule["start"][simulated]))
+        segments = np.unique(
+            np.stack([schedule["start"][simulated], schedule["end"][simulated]]), axis=1
+        )
+        return float(np.sum(segments[1] - segments[0]))
 
     def rates(self, layer: int | str) -> np.ndarray:
         """Per-neuron firing rate (Hz) over :meth:`simulated_seconds`; NaN if that is 0."""

@@ -28,7 +28,7 @@ def _run(program, drive):
     state = program.initial_state()
     state[0]["trace_L"] = np.array([drive * PARAMS.kernel_norm, 0.0])
     weights = [np.zeros((1, 2))]
-    record, final = program.run_segment(weights, state, driven_layer=0, seed=0, t_offset=0.0)
+    record, final = program.run_segment(weights, state, driven_layers=(0,), seed=0, t_offset=0.0)
     return record, final
 
 
@@ -49,7 +49,7 @@ def test_subthreshold_steady_state_is_six_sevenths_of_drive(program):
     assert final[0]["v"][0] == pytest.approx(6 / 7 * drive, rel=1e-6)
     assert final[0]["u"][0] == pytest.approx(final[0]["v"][0])  # no window: u follows v
     assert final[0]["v"][1] == 0.0  # no drive, stays at rest
-    assert len(record.window_neuron) == 0
+    assert len(record.windows[0].neuron) == 0
 
 
 def first_spike_step(drive, v0=0.0, earliest=1):
@@ -79,13 +79,13 @@ def test_rdd_windows_open_close_and_count_spikes(program):
     record, _ = _run(program, drive)
     length = round(PARAMS.window_length / PARAMS.dt)
     spikes = np.rint(record.spike_times[0] / PARAMS.dt).astype(int)
-    starts = np.rint(record.window_start / PARAMS.dt).astype(int)
-    ends = np.rint(record.window_end / PARAMS.dt).astype(int)
+    starts = np.rint(record.windows[0].start / PARAMS.dt).astype(int)
+    ends = np.rint(record.windows[0].end / PARAMS.dt).astype(int)
     assert starts[0] == 1
     assert np.all(ends - starts == length)
     # after a window closes, u = v again; the next opens when v is back in the band
     for start, end, count, u_max in zip(
-        starts, ends, record.window_spikes, record.window_u_max, strict=True
+        starts, ends, record.windows[0].spikes, record.windows[0].u_max, strict=True
     ):
         assert count == np.sum((spikes > start) & (spikes <= end))
         # u integrates without reset from v at the opening: its maximum is at the window's end
@@ -97,17 +97,40 @@ def test_rdd_windows_open_close_and_count_spikes(program):
     interval = first_spike_step(drive, PARAMS.v_reset, earliest=3)
     expected = len(range(first, 32, interval))
     assert (first, interval, expected) == (2, 4, 8)
-    assert record.window_spikes[0] == expected
-    assert set(record.window_neuron) == {0}
+    assert record.windows[0].spikes[0] == expected
+    assert set(record.windows[0].neuron) == {0}
     assert starts[1] > ends[0]
 
 
 def test_windows_only_in_driven_layer(program):
     state = program.initial_state()
     state[0]["trace_L"] = np.array([1.4 * PARAMS.kernel_norm, 0.0])
-    record, _ = program.run_segment([np.zeros((1, 2))], state, driven_layer=1, seed=0, t_offset=0)
-    assert len(record.window_neuron) == 0  # layer 1 is driven (no noise), layer 0 opens none
+    weights = [np.zeros((1, 2))]
+    record, _ = program.run_segment(weights, state, driven_layers=(1,), seed=0, t_offset=0)
+    assert list(record.windows) == [1]  # layer 0 spikes but is not driven: no windows read
     assert len(record.spike_times[0]) > 0
+    both, _ = program.run_segment(weights, state, driven_layers=(0, 1), seed=0, t_offset=0)
+    assert list(both.windows) == [0, 1]
+    np.testing.assert_array_equal(both.windows[0].start, _run(program, 1.4)[0].windows[0].start)
+
+
+def test_a_driven_layer_takes_no_synaptic_input(program):
+    # layer 0's neuron 0 spikes steadily; through a strong weight it makes layer 1 fire, unless
+    # layer 1 is driven too: its drive is then its own noise alone (METHOD 2; none here), whatever
+    # W is. A weight of 1e10 is a drive step of 10: the kernel norm is 1e9 with this tau_L.
+    state = program.initial_state()
+    state[0]["trace_L"] = np.array([3.0 * PARAMS.kernel_norm, 0.0])
+    strong, silent = [np.array([[1e10, 0.0]])], [np.zeros((1, 2))]
+    listening, _ = program.run_segment(strong, state, driven_layers=(0,), seed=0, t_offset=0)
+    assert len(listening.spike_times[1]) > 10
+    driven = [
+        program.run_segment(w, state, driven_layers=(0, 1), seed=0, t_offset=0)[0]
+        for w in (strong, silent)
+    ]
+    assert len(driven[0].spike_times[1]) == 0 and len(driven[0].windows[1].neuron) == 0
+    np.testing.assert_array_equal(driven[0].spike_times[0], listening.spike_times[0])
+    np.testing.assert_array_equal(driven[0].spike_times[0], driven[1].spike_times[0])
+    np.testing.assert_array_equal(driven[0].windows[0].u_max, driven[1].windows[0].u_max)
 
 
 def test_subnormal_values_are_flushed_to_zero(program):
@@ -115,7 +138,9 @@ def test_subnormal_values_are_flushed_to_zero(program):
     # (x * 0.72 rounds back to the smallest one) and slow every later step by two orders.
     state = program.initial_state()
     state[0]["trace_s"] = np.array([0.0, 1e-300])  # exp(-100 steps / 3) later: ~3e-315
-    _, final = program.run_segment([np.zeros((1, 2))], state, driven_layer=1, seed=0, t_offset=0)
+    _, final = program.run_segment(
+        [np.zeros((1, 2))], state, driven_layers=(1,), seed=0, t_offset=0
+    )
     assert 1e-300 * math.exp(-STEPS * PARAMS.dt / PARAMS.tau_s) > 0  # representable, subnormal
     assert final[0]["trace_s"][1] == 0.0
     assert final[0]["v"][1] == 0.0 and final[0]["u"][1] == 0.0

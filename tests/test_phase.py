@@ -44,6 +44,17 @@ def test_beta_is_proportional_to_forward_weights(lms_run):
     assert result.windows[0] > 100 and result.windows[1] > 50
 
 
+def test_windows_opened_while_a_layer_settles_are_left_out(lms_run):
+    from spikealign.phase import SETTLE_S
+
+    _, _, _, result, log = lms_run  # reference: L0 driven 0-10 s, then L1 10-20 s
+    with open_log(log) as spikes:
+        first, second = spikes.windows("L0")["start"], spikes.windows("L1")["start"]
+    assert first.min() < SETTLE_S  # from rest there is nothing to settle
+    assert second.min() >= 10.0 + SETTLE_S  # L1 fired feed-forward until 10 s
+    assert result.windows == [len(first), len(second)]
+
+
 def test_ols_estimator_aligns_too():
     weights, feedbacks = weights_and_feedbacks()
     phase = FeedbackPhase(
@@ -254,12 +265,80 @@ def test_adaptive_phase_stops_when_every_layer_is_at_target(tmp_path):
 def test_adaptive_schedule_ranks_layers_whose_errors_are_not_yet_trusted():
     phase, nan = adaptive(0), float("nan")  # target 90 %, six segments
     # fc1's SEs are not trusted yet (no criterion), but they say it is further than fc2
-    assert phase.next_layer([0, 1], [nan, 70.0], [85.0, 70.0]) == 1
+    assert phase.next_segment([(0,), (1,)], [nan, 70.0], [85.0, 70.0]) == (1,)
     # fc2 is at target: fc1 goes next, its untrusted 95 % cannot stop it
-    assert phase.next_layer([0, 1, 1], [nan, 95.0], [95.0, 95.0]) == 0
-    assert phase.next_layer([0, 1, 1, 0], [92.0, 95.0], [92.0, 95.0]) is None  # both at target
-    assert phase.next_layer([0, 1], [nan, 70.0]) == 0  # without ranks, no criterion is 50 %
-    assert phase.next_layer([0, 1], [60.0, 70.0], [60.0, 70.0]) == 0  # the least certain
+    assert phase.next_segment([(0,), (1,), (1,)], [nan, 95.0], [95.0, 95.0]) == (0,)
+    both_at_target = [92.0, 95.0]
+    assert phase.next_segment([(0,), (1,), (1,), (0,)], both_at_target, both_at_target) is None
+    assert phase.next_segment([(0,), (1,)], [nan, 70.0]) == (0,)  # without ranks: 50 %
+    assert phase.next_segment([(0,), (1,)], [60.0, 70.0], [60.0, 70.0]) == (0,)  # least certain
+
+
+def test_adaptive_schedule_estimates_layers_two_apart_together():
+    sizes = [40, 20, 10, 5]  # fc1 and fc3 share no layer: 0 -> 1 and 2 -> 3
+    config = PhaseConfig(duration=90.0, estimator="ols", schedule="adaptive", target=90.0)
+    phase, nan = FeedbackPhase(sizes, config, progress=False), float("nan")
+    assert phase.segment_plan() == (10.0, 9)
+    # first every layer once: fc1 with fc3, then fc2 alone
+    assert phase.next_segment([], [nan] * 3) == (0, 2)
+    assert phase.next_segment([(0, 2)], [60.0, nan, 70.0]) == (1,)
+    # fc3 (least certain) is chosen and fc1 joins it; fc2 cannot join either
+    assert phase.next_segment([(0, 2), (1,)], [70.0, 60.0, 55.0]) == (0, 2)
+    assert phase.next_segment([(0, 2), (1,)], [60.0, 70.0, 80.0]) == (0, 2)
+    # fc2 the least certain: alone; fc1 and fc3 at target and the phase stops there
+    assert phase.next_segment([(0, 2), (1,)], [95.0, 70.0, 92.0]) == (1,)
+    # a layer at target does not join when the phase stops at target
+    assert phase.next_segment([(0, 2), (1,)], [60.0, 95.0, 92.0]) == (0,)
+    # spending the whole budget (the trainer), a layer never falls a segment behind an even split
+    budget = FeedbackPhase(sizes, replace(config, stop_at_target=False), progress=False)
+    segments, criteria = [], [60.0, 95.0, 70.0]  # fc2 is far ahead, never the least certain
+    while (chosen := budget.next_segment(segments, criteria)) is not None:
+        segments.append(chosen)
+    assert segments == [(0, 2), (1,), (0, 2), (0, 2), (0, 2), (1,), (0, 2), (0, 2), (1,)]
+    # and every layer joins, at target or not
+    assert budget.next_segment([(0, 2), (1,)], [95.0, 60.0, 95.0]) == (1,)
+    assert budget.next_segment([(0, 2), (1,)], [60.0, 95.0, 95.0]) == (0, 2)
+    # the reference schedule drives one layer at a time (METHOD 3)
+    reference = FeedbackPhase(sizes, replace(config, schedule="reference"), progress=False)
+    assert reference.next_segment([], [nan] * 3) == (0,)
+    assert reference.next_segment([(0,)] * 3, [nan] * 3) == (1,)
+
+
+def test_layers_driven_together_see_what_they_see_alone(tmp_path):
+    from spikealign.lif import scaled_weights
+
+    sizes = [40, 20, 10, 5]  # fc1 (layers 0 -> 1) and fc3 (2 -> 3) share no layer
+    weights = kaiming_uniform(sizes, np.random.default_rng(1))
+    config = PhaseConfig(
+        duration=30.0, seed=4, estimator="ols", schedule="adaptive", target=99.0
+    )  # three 10 s segments
+    phase = FeedbackPhase(sizes, config, progress=False)
+    program = phase.program()
+    scaled = [scaled_weights(w, config.drive_gain) for w in weights]
+    state = program.initial_state()
+    both, _ = program.run_segment(scaled, state, (0, 2), 4, 0.0)
+    for alone_layers, layers in (((0,), (0, 1)), ((2,), (2, 3))):
+        alone, _ = program.run_segment(scaled, state, alone_layers, 4, 0.0)
+        for layer in layers:  # the same noise (counter-based), the same spikes
+            assert len(alone.spike_times[layer]) >= 10
+            np.testing.assert_array_equal(alone.spike_times[layer], both.spike_times[layer])
+            np.testing.assert_array_equal(alone.spike_indices[layer], both.spike_indices[layer])
+        driven = alone_layers[0]
+        assert len(both.windows[driven]) > 100
+        for column in ("neuron", "start", "end", "u_max", "spikes"):
+            np.testing.assert_array_equal(
+                getattr(alone.windows[driven], column), getattr(both.windows[driven], column)
+            )
+
+    result = phase.run(weights, log_path=tmp_path / "phase.h5")
+    assert result.schedule[:3] == [(0, 0.0, 10.0), (2, 0.0, 10.0), (1, 10.0, 20.0)]
+    seconds = result.seconds_per_layer()  # fc1 and fc3 always go together here
+    assert result.simulated_s == 30.0 and seconds[0] == seconds[2] and sum(seconds) > 30.0
+    assert [r["layer"] for r in result.criterion[:3]] == ["fc1", "fc3", "fc2"]
+    with open_log(tmp_path / "phase.h5") as log:
+        np.testing.assert_array_equal(log.schedule()["layer"], [fc for fc, _, _ in result.schedule])
+        assert log.simulated_seconds("L3") == 30.0
+        assert len(log.windows("L2")["neuron"]) == result.windows[2]
 
 
 def test_untrusted_layers_are_ranked_by_their_untrusted_errors_but_never_stop():

@@ -80,7 +80,7 @@ def test_round_trip(written):
     path, expected = written
     assert path.exists() and not Path(str(path) + ".partial").exists()
     with open_log(path) as log:
-        assert log.version == VERSION == 2
+        assert log.version == VERSION == 3
         assert log.sizes == tuple(SIZES)
         assert log.layer_names == ["L0", "L1", "L2", "L3"]
         assert log.fc_names == ["fc1", "fc2", "fc3"]
@@ -269,7 +269,7 @@ def _bad_file(kind: str, tmp_path: Path, valid: Path) -> Path:
         ("text", "is not an HDF5 file"),
         ("truncated", "is truncated or corrupt"),
         ("missing", "does not exist; expected a file written by python -m sims.rdd_phase --log"),
-        ("newer", "is spike log version 3, newer than this spikealign reads (up to 2)"),
+        ("newer", "is spike log version 4, newer than this spikealign reads (up to 3)"),
     ],
 )
 def test_bad_files_give_one_line_errors(kind, message, tmp_path, written):
@@ -308,11 +308,44 @@ def test_rates_on_known_case(tmp_path):
     assert windows["per_neuron_mean"] == 1.5 and windows["share_spiked"] == pytest.approx(1 / 3)
 
 
+def test_a_segment_driving_two_layers_counts_once(tmp_path, capsys):
+    # 0-2 s: L0 alone; 2-4 s: L0 and L2 together (fc1 and fc3 estimated at once), one row each.
+    # L1 and L3 were simulated 4 s, not 6: the shared segment counts once.
+    path = tmp_path / "pair.h5"
+    with SpikeLogWriter(path, [3, 2, 2, 1], 1e-3, {"config": {"schedule": "adaptive"}}, 0) as log:
+        log.append_schedule("L0", 0.0, 2.0)
+        log.flush(2.0)
+        log.append_schedule("L0", 2.0, 4.0)
+        log.append_schedule("L2", 2.0, 4.0)
+        log.append_spikes("L3", [2.5, 3.5], [0, 0])
+        log.flush(4.0)
+    with open_log(path) as log:
+        assert [log.simulated_seconds(l) for l in range(4)] == [4.0, 4.0, 4.0, 4.0]
+        np.testing.assert_allclose(log.rates("L3"), [0.5])
+        np.testing.assert_array_equal(log.schedule()["layer"], [0, 0, 2])
+    inspect_main([str(path)])
+    out = capsys.readouterr().out
+    assert "schedule:  adaptive, 2 segments (driven: L0 4 s, L2 2 s)" in out
+    assert "2.000 -     4.000 s  L0 + L2 driven" in out
+
+
+def test_version_2_logs_still_open(tmp_path, written):
+    # version 3 changed no dataset, only what equal schedule rows mean: a version 2 file is a
+    # version 3 file with the old number (one driven layer per segment)
+    path = tmp_path / "v2.h5"
+    path.write_bytes(written[0].read_bytes())
+    with h5py.File(path, "r+") as file:
+        file.attrs["version"] = np.int64(2)
+    with open_log(path) as log, open_log(written[0]) as current:
+        assert log.version == 2
+        assert log.summary() == {**current.summary(), "version": 2, "path": str(path)}
+
+
 def test_inspect_prints_summary_and_plots(written, tmp_path, capsys):
     path, _ = written
     inspect_main([str(path), "--plot", str(tmp_path / "plots")])
     out = capsys.readouterr().out
-    assert "format:    spikealign.spikelog version 2" in out
+    assert "format:    spikealign.spikelog version 3" in out
     assert "status:    complete, simulated until 3.000 s" in out
     assert "network:   sizes 6-4-3-2 (L0..L3), dt 1 ms, seed 7" in out
     assert "schedule:  unknown, 3 segments (driven: L0 1 s, L1 2 s)" in out

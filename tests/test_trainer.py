@@ -455,8 +455,18 @@ def test_kolen_pollack_rate_follows_the_lr_schedule(tmp_path, monkeypatch, kp_lr
         ("run", ["--out", "x"], "error: --dataset and --rule required to start a run"),
         (
             "run",
-            ["--dataset", "digits", "--rule", "fa", "--drive-gain", "0.1", "--noise-period",
-             "0.01", "--out", "x"],
+            [
+                "--dataset",
+                "digits",
+                "--rule",
+                "fa",
+                "--drive-gain",
+                "0.1",
+                "--noise-period",
+                "0.01",
+                "--out",
+                "x",
+            ],
             "error: --drive-gain, --noise-period: only for rule rdd (the spiking phase), but the "
             "rule is fa",
         ),  # fmt: skip

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule",
         choices=("reference", "adaptive"),
         help="phase schedule: a third of --rdd-time per fc layer, or adaptive: each segment to "
-        "the least certain layer below --target (needs --estimator ols)" + _default("schedule"),
+        "the least certain layer below --target, fc3 in fc1's segments, no layer below a third "
+        "(needs --estimator ols)" + _default("schedule"),
     )
     rdd.add_argument(
         "--target",

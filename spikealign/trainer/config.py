@@ -264,7 +264,8 @@ class TrainConfig:
 
     def phase_config(self, seed: int | None = None):
         """The spiking phase's PhaseConfig (rule rdd). Every phase spends the whole rdd_time:
-        with the adaptive schedule, on the least certain layer once all are at target."""
+        with the adaptive schedule no layer gets less than the reference's share, and the rest
+        goes to the least certain layer."""
         from spikealign.lif import LIFParams
         from spikealign.phase import PhaseConfig
 
