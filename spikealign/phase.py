@@ -334,7 +334,8 @@ class FeedbackPhase:
 
         segment, n_segments = self.segment_plan()
         scaled = [scaled_weights(w, self.config.drive_gain) for w in weights]
-        history: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # per layer, its spikes of the last _HISTORY_S (times, indices)
+        history = [(np.zeros(0), np.zeros(0, np.int32)) for _ in self.sizes]
         records: list[dict] = []
         window_counts = [0] * len(self.fc_names)
         for fc, feedback in enumerate(feedbacks):
@@ -368,20 +369,16 @@ class FeedbackPhase:
                 guess = self.next_segment(segments, criteria, ranks)
                 if guess is not None:
                     pending = program.start_segment(scaled, state, guess, seed, end)
-                if writer is not None:
-                    for layer, (times, indices) in enumerate(
-                        zip(record.spike_times, record.spike_indices, strict=True)
-                    ):
-                        writer.append_spikes(layer, times, indices)
                 # every layer's spikes with the last _HISTORY_S before the segment: the kernels
                 # of the previous segment's spikes reach into this one, whichever layers it drove
                 spikes = []
                 for layer, (times, indices) in enumerate(
                     zip(record.spike_times, record.spike_indices, strict=True)
                 ):
-                    if layer in history:
-                        times = np.concatenate([history[layer][0], times])
-                        indices = np.concatenate([history[layer][1], indices])
+                    if writer is not None:
+                        writer.append_spikes(layer, times, indices)
+                    times = np.concatenate([history[layer][0], times])
+                    indices = np.concatenate([history[layer][1], indices])
                     keep = times >= end - _HISTORY_S
                     history[layer] = (times[keep], indices[keep])
                     spikes.append((times, indices))
