@@ -26,8 +26,8 @@ drives:
   (``stop_at_target``) or after ``duration`` seconds, the time cap. Without ``stop_at_target``
   the whole ``duration`` is spent, on the least certain layer once all are at target. The choice
   depends only on the data, so the schedule is reproducible from the seed; the next segment is
-  simulated speculatively while the last is estimated and restarted when the estimate changes the
-  choice.
+  simulated speculatively while the last is estimated, guessed from each layer's last gain in
+  rank (:func:`expected_ranks`), and restarted when the estimate changes the choice.
 
 Drive gain (METHOD 2): the spiking network's weights are ``W_hat = drive_gain * n_in * W /
 std(W)``, 0.2 in the reference.
@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from spikealign.errors import UserError
 from spikealign.lif import LIFParams, LIFProgram, scaled_weights
@@ -63,6 +64,7 @@ from spikealign.metrics import alignment
 from spikealign.rdd import (
     ESTIMATORS,
     RDDParams,
+    Scratch,
     filtered_spikes,
     make_estimator,
     predicted_sign_agreement,
@@ -148,12 +150,25 @@ def memory_estimate(sizes: list[int], config: PhaseConfig) -> int:
     """Bytes a phase of this shape and length needs, roughly (dense synapses dominate)."""
     synapses = sum(sizes[l - 1] * sizes[l] for l in range(1, len(sizes)))
     needed = synapses * _BYTES_PER_SYNAPSE
-    if config.estimator == "ols" and config.rdd.ols_adjust:  # n_in x n_in covariate sums
-        needed += sum(5 * 8 * sizes[l - 1] ** 2 for l in range(1, len(sizes)))
+    adjust = config.estimator == "ols" and config.rdd.ols_adjust
+    if adjust:  # n_in x n_in: covariate sums (4 for free lines), products, their solve
+        squares = 3.5 if config.rdd.ols_pooled else 6.5
+        needed += sum(int(squares * 8 * sizes[l - 1] ** 2) for l in range(1, len(sizes)))
+    # a segment's filtered spikes and their cumulative sums, kept for the next (rdd.Scratch)
+    steps = (config.update_interval + 2 * _HISTORY_S) / config.lif.dt
+    for l in range(1, len(sizes)):
+        needed += int(2 * 8 * steps * (sizes[l] + (sizes[l - 1] if adjust else 0)))
     segments = (len(sizes) - 1) * math.ceil(
         config.duration / (len(sizes) - 1) / config.update_interval
     )
     return needed + segments * _BYTES_PER_SEGMENT
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _total_memory() -> int | None:
@@ -234,6 +249,7 @@ class FeedbackPhase:
             for l in range(1, len(sizes))
         ]
         self._feedback_std = np.full(len(self.fc_names), np.nan)
+        self._scratch = Scratch()  # each layer's filtered spikes, reused by every segment
         self._needs_activity = self.config.estimator == "ols" and self.config.rdd.ols_adjust
         # the adaptive schedule ranks layers by their untrusted SEs before they are trusted
         self._early_ranks = self.config.schedule == "adaptive" and self._needs_activity
@@ -342,6 +358,7 @@ class FeedbackPhase:
             records.append(self._alignment_record(0.0, fc, weights[fc], feedback))
         criteria = [math.nan] * len(self.fc_names)
         ranks = [math.nan] * len(self.fc_names)
+        gains = [math.nan] * len(self.fc_names)  # each layer's change of rank at its last estimate
         segments: list[tuple[int, ...]] = []  # the fc layers each segment estimated
         schedule: list[tuple[int, float, float]] = []
         criterion_records: list[dict] = []
@@ -349,6 +366,10 @@ class FeedbackPhase:
         # The log first: it takes the log's lock, so a second writer stops before any work.
         writer = self._open_log(log_path, weights, initial_feedbacks, records)
         bar = pending = None
+        # the compiled program holds a core while a segment is estimated: a BLAS team on every
+        # core would spin against it (an adaptive 90 s phase of 1600-384-192-10 on 2 cores took
+        # 8.1-8.6 s with two BLAS threads, 6.6-7.3 s with one)
+        blas = threadpool_limits(limits=max(1, _available_cores() - 1), user_api="blas")
         try:
             build_start = time.perf_counter()
             program = self.program()
@@ -359,6 +380,7 @@ class FeedbackPhase:
             seed = self.config.seed
             chosen = self.next_segment(segments, criteria, ranks)
             pending = program.start_segment(scaled, state, chosen, seed, 0.0)
+            self._reserve(chosen, segment)  # while the first segment is simulated
             while chosen is not None:
                 start = len(segments) * segment
                 end = start + segment
@@ -366,7 +388,7 @@ class FeedbackPhase:
                 pending = None
                 segments.append(chosen)
                 # simulate the likely next segment while estimating this one
-                guess = self.next_segment(segments, criteria, ranks)
+                guess = self.next_segment(segments, criteria, expected_ranks(ranks, gains, chosen))
                 if guess is not None:
                     pending = program.start_segment(scaled, state, guess, seed, end)
                 # every layer's spikes with the last _HISTORY_S before the segment: the kernels
@@ -399,7 +421,8 @@ class FeedbackPhase:
                         # untrusted SEs are too optimistic to stop a layer, but with early ranks
                         # they still say which layer is behind
                         se = estimator.standard_errors(trusted_only=not self._early_ranks)
-                        ranks[fc] = predicted_sign_agreement(beta, se)
+                        rank = predicted_sign_agreement(beta, se)
+                        gains[fc], ranks[fc] = rank - ranks[fc], rank  # NaN gain when unranked
                         trusted = estimator.se_trusted()
                         # untrusted, the criterion is that of infinite SEs: 50 %, no claim
                         criteria[fc] = ranks[fc] if trusted else 50.0
@@ -438,6 +461,7 @@ class FeedbackPhase:
                 writer.abandon()  # the .partial log keeps everything flushed so far
             raise
         finally:
+            blas.restore_original_limits()
             if bar is not None:
                 bar.close()
         wall_s = time.perf_counter() - wall_start
@@ -464,10 +488,20 @@ class FeedbackPhase:
         first_step = math.floor(first_time / p.dt)
         n_steps = round(end / p.dt) - first_step + 1
         filter_args = (first_step, n_steps, p.dt, p.tau_L, p.tau_s)
-        q = filtered_spikes(*spikes[driven + 1], self.sizes[driven + 1], *filter_args)
+        above, size = driven + 1, self.sizes[driven + 1]
+        q = filtered_spikes(
+            *spikes[above], size, *filter_args, out=self._scratch.get(above, (n_steps, size))
+        )
         activity = None
         if self._needs_activity:
-            activity = filtered_spikes(*spikes[driven], self.sizes[driven], *filter_args, times=2)
+            size = self.sizes[driven]
+            activity = filtered_spikes(
+                *spikes[driven],
+                size,
+                *filter_args,
+                times=2,
+                out=self._scratch.get(("activity", driven), (n_steps, size)),
+            )
         self._estimators[driven].add(
             windows,
             q,
@@ -477,6 +511,16 @@ class FeedbackPhase:
             since_step=round(settled / p.dt),
             early_se=self._early_ranks,
         )
+
+    def _reserve(self, chosen: tuple[int, ...], segment: float) -> None:
+        """Fault in the work arrays of estimating ``chosen`` from a segment of ``segment`` s, the
+        first time (:class:`spikealign.rdd.Scratch`: a segment of 1600 neurons needs 300 MB)."""
+        n_steps = round((segment + 2 * _HISTORY_S) / self.config.lif.dt)
+        for fc in chosen:
+            self._scratch.get(fc + 1, (n_steps, self.sizes[fc + 1])).fill(0.0)
+            if self._needs_activity:
+                self._scratch.get(("activity", fc), (n_steps, self.sizes[fc])).fill(0.0)
+                self._estimators[fc].reserve(n_steps)
 
     def _update(self, fc: int, feedback: np.ndarray, beta: np.ndarray) -> np.ndarray:
         """Apply the feedback update rule with the current beta (n_in x n_out) to Y (out x in)."""
@@ -620,6 +664,19 @@ class FeedbackPhase:
             estimator.load_state_dict(
                 {k[len(prefix) :]: np.asarray(v) for k, v in state.items() if k.startswith(prefix)}
             )
+
+
+def expected_ranks(
+    ranks: list[float], gains: list[float], estimating: tuple[int, ...]
+) -> list[float]:
+    """The ranks to guess the next segment by while the layers ``estimating`` are estimated:
+    each of them gains what it gained at its last estimate (``gains``), and one without a gain
+    yet (first estimate) is taken not to be the least certain. Only wall time hangs on the guess:
+    a wrong one is simulated again once the estimate is in (0.3 s for 1600-384-192-10)."""
+    expected = list(ranks)
+    for fc in estimating:
+        expected[fc] = ranks[fc] + gains[fc] if math.isfinite(gains[fc]) else math.inf
+    return expected
 
 
 # -- weights in and out ---------------------------------------------------------------------------

@@ -89,15 +89,23 @@ A plain mean of Phi(|beta_hat| / se) would be biased up: pure noise gives 75 % i
 
 The outcome sums never touch an (N_i x N_k) array per time step: ``sum_n q_k(n)`` over a window is a
 difference of the running cumulative sum of ``q_k``, and the per-neuron sums over windows are one
-sparse (neurons x time steps) by dense (time steps x N_k) product.
+sparse (neurons x time steps) by dense (time steps x N_k) product. The adjustment's products over
+time steps (sum a a^T: 13 G multiply-adds per 10 s of 1600 neurons, once the largest cost of a
+phase) take every ``adjust_stride``-th step (4), each counted that often: a_j is kappa * kappa of
+spikes, smooth over tens of steps, so a step adds little to its neighbours (gamma within 4e-4 of
+the every-step fit on the tests' synthetic layers; sign agreement and stopping times of
+1600-384-192-10 unchanged to 0.1 point), and they are summed in single precision about each
+segment's mean. gamma only removes variance: the jump stays unbiased whatever gamma is.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.linalg import cho_factor, cho_solve
 from scipy.signal import lfilter
 
 ESTIMATORS = ("lms", "ols")
@@ -116,6 +124,9 @@ class RDDParams:
     ols_adjust: bool = True  # subtract the other driven neurons' predicted effect (see above)
     # ridge of the adjustment's regression: the mean activity variance of this many time steps
     adjust_ridge_steps: float = 1000.0
+    # the regression's sums take every adjust_stride-th time step, counted adjust_stride times:
+    # the activity is smooth (kappa * kappa spans tens of steps), so neighbours add little
+    adjust_stride: int = 4
     # with ols_adjust, standard errors count only once the adjustment's regression has this many
     # time steps per driven neuron (before, its in-sample fit hides noise; module docstring)
     se_min_steps_per_neuron: float = 40.0
@@ -141,6 +152,28 @@ class Windows:
         )
 
 
+class Scratch:
+    """Work arrays kept from one segment to the next, by name.
+
+    A segment's arrays are large (the activity of 1600 neurons over 10 s is 130 MB). Allocated
+    afresh, each is faulted in page by page, and in a virtual machine that hands freed memory back
+    to its host (virtio free page reporting, ~2 s after the free) that costs ~2 ms per MB: on the
+    2-core development VM a third of an adaptive phase's wall time. Reused, they stay resident.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[object, np.ndarray] = {}
+
+    def get(self, name, shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
+        """An uninitialised C-contiguous array of ``shape``, the same memory each time."""
+        size = math.prod(shape)
+        array = self._arrays.get(name)
+        if array is None or array.size < size or array.dtype != dtype:
+            # a little headroom: a segment's step count varies with its earliest window
+            array = self._arrays[name] = np.empty(size + size // 16, dtype)
+        return array[:size].reshape(shape)
+
+
 def filtered_spikes(
     spike_times: np.ndarray,
     spike_indices: np.ndarray,
@@ -151,18 +184,24 @@ def filtered_spikes(
     tau_L: float,
     tau_s: float,
     times: int = 1,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """q(n) = sum_{m<n} kappa(n - m) s(m) for steps first_step .. first_step + n_steps - 1.
 
     ``times=2`` filters twice (kappa * kappa * s): the activity of the driven layer that the
     adjusted OLS uses as covariates, each neuron's drive to the layer above filtered once more as
     that layer's spikes are into q. Spikes before ``first_step`` are ignored, so start the range
-    early enough (a few tau_L) for the windows that need it. Returns float64 (n_steps, n_neurons).
+    early enough (a few tau_L) for the windows that need it. Returns float64 (n_steps, n_neurons),
+    written into ``out`` when given (e.g. from a :class:`Scratch`).
     """
+    if out is None:
+        out = np.empty((n_steps, n_neurons))
+    elif out.shape != (n_steps, n_neurons) or out.dtype != np.float64:
+        raise ValueError(f"out must be float64 of shape {(n_steps, n_neurons)}, got {out.shape}")
     steps = np.rint(np.asarray(spike_times) / dt).astype(np.int64) - first_step
     keep = (steps >= 0) & (steps < n_steps)
-    flat = steps[keep] * n_neurons + np.asarray(spike_indices)[keep]
-    counts = np.bincount(flat, minlength=n_steps * n_neurons).reshape(n_steps, n_neurons)
+    out.fill(0.0)
+    np.add.at(out.reshape(-1), steps[keep] * n_neurons + np.asarray(spike_indices)[keep], 1.0)
     # kappa as a recursive filter: sum_{n>=1} kappa(n) z^-n
     #   = z^-1 (d_L - d_s) / kernel_norm / ((1 - d_L z^-1)(1 - d_s z^-1)),  d = exp(-dt / tau)
     decay_L, decay_s = np.exp(-dt / tau_L), np.exp(-dt / tau_s)
@@ -171,7 +210,29 @@ def filtered_spikes(
     b, a = numerator, denominator
     for _ in range(times - 1):
         b, a = np.convolve(b, numerator), np.convolve(a, denominator)
-    return lfilter(b, a, counts, axis=0)
+    # in place, a block of neurons at a time: lfilter's copies stay a few MB
+    for first in range(0, n_neurons, _FILTER_BLOCK):
+        block = slice(first, first + _FILTER_BLOCK)
+        out[:, block] = lfilter(b, a, out[:, block], axis=0)
+    return out
+
+
+def cumulative_sum(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """C(n) = values(0) + ... + values(n) over axis 0, bit for bit ``np.cumsum(values, axis=0)``,
+    into ``out`` when given (which may be ``values``).
+
+    numpy accumulates along axis 0 of a C-ordered array column by column, striding through
+    memory: for 10,000 steps of 1,600 neurons that takes 140 ms, adding row after row 20 ms.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] < 64 or len(values) == 0:
+        return np.cumsum(values, axis=0, out=out)
+    if out is None:
+        out = np.empty_like(values)
+    out[0] = values[0]
+    for row in range(1, len(values)):
+        np.add(out[row - 1], values[row], out=out[row])
+    return out
 
 
 def window_steps(
@@ -199,13 +260,13 @@ def outcome_sums(
 
     ``weights`` is (n_sets, n_windows); the result is (n_sets, n_rows, N_k). dR_w =
     (C(end) - C(start)) / length - q(start), with C the cumulative sum of q over steps, computed
-    once for all sets (pass ``cumulative`` = ``np.cumsum(q, axis=0)`` when the caller has it).
+    once for all sets (pass ``cumulative`` = ``cumulative_sum(q)`` when the caller has it).
     """
     weights = np.atleast_2d(weights)
     n_sets, n_steps = len(weights), q.shape[0]
     start, end, length = window_steps(windows, first_step, n_steps, dt)
     if cumulative is None:
-        cumulative = np.cumsum(q, axis=0)  # C(n) = q(0) + ... + q(n), so q(n) = C(n) - C(n - 1)
+        cumulative = cumulative_sum(q)  # C(n) = q(0) + ... + q(n), so q(n) = C(n) - C(n - 1)
     # one sparse matrix (in CSC form: each row of C is read once) picks, per window and set,
     # +C(end)/L - C(start)/L - C(start) + C(start - 1), which is the window's dR
     set_rows = (np.arange(n_sets)[:, None] * n_rows + rows[None, :]).ravel()
@@ -230,7 +291,7 @@ def outcome_sums(
 def window_outcomes(windows: Windows, q: np.ndarray, first_step: int, dt: float) -> np.ndarray:
     """dR for every window: (n_windows, N_k). Used by LMS, which needs them one by one."""
     start, end, length = window_steps(windows, first_step, q.shape[0], dt)
-    return _outcomes(q, np.cumsum(q, axis=0), start, end, length)
+    return _outcomes(q, cumulative_sum(q), start, end, length)
 
 
 def classify(windows: Windows, params: RDDParams) -> tuple[np.ndarray, np.ndarray]:
@@ -246,12 +307,17 @@ class OLSEstimator:
     the same with w^2, for the standard errors) and per (i, k) sum w dR, sum w x dR. Statistics
     persist across :meth:`add` calls (segments of a phase) and, when the caller keeps the
     estimator, across phases. With ``ols_adjust`` it also keeps the regression of the layer above
-    on the driven layer and, per (side, i), the window sums of every driven neuron's activity; for
-    1600 -> 384 that is about 100 MB. :meth:`standard_errors` gives the standard error of every
-    jump (module docstring).
+    on the driven layer and the window sums of every driven neuron's activity: per (i, j) those of
+    i's spiked windows, and per side their totals over i and each neuron's own (what the pooled
+    lines use; per (side, i, j) without ``ols_pooled``); for 1600 -> 384 about 70 MB, and 190 MB
+    of work arrays kept for the next segment (:class:`Scratch`).
+    :meth:`standard_errors` gives the standard error of every jump (module docstring).
     """
 
     def __init__(self, n_in: int, n_out: int, params: RDDParams) -> None:
+        if not (isinstance(params.adjust_stride, int) and params.adjust_stride >= 1):
+            stride = params.adjust_stride
+            raise ValueError(f"adjust_stride must be a positive integer, got {stride!r}")
         self.params = params
         self.n_in, self.n_out = n_in, n_out
         self.scalar = np.zeros((2, n_in, 3))  # side, neuron, [sum w, sum w x, sum w x^2]
@@ -262,13 +328,20 @@ class OLSEstimator:
         self.residual_var = np.full((2, n_out), np.nan)
         if params.ols_adjust:
             # window sums of the covariates: like sum_y and sum_xy with a_j in place of dR_k
-            self.covariate_y = np.zeros((2, n_in, n_in))
-            self.covariate_xy = np.zeros((2, n_in, n_in))
+            if params.ols_pooled:  # as much of them as the pooled lines use (_pooled_sums)
+                self.covariate_spiked = np.zeros((n_in, n_in))  # sum w dA_j, i's spiked windows
+                # [sum w dA, sum w x dA] per side, over all windows (totals) or i's own dA_i (own)
+                self.covariate_total = np.zeros((2, 2, n_in))
+                self.covariate_own = np.zeros((2, 2, n_in))
+            else:
+                self.covariate_y = np.zeros((2, n_in, n_in))
+                self.covariate_xy = np.zeros((2, n_in, n_in))
             # regression of q (layer above) on a (driven layer) over time steps: sums
             self.steps = np.zeros(())
             self.sum_a, self.sum_q = np.zeros(n_in), np.zeros(n_out)
             self.sum_aa, self.sum_aq = np.zeros((n_in, n_in)), np.zeros((n_in, n_out))
         self._cache: dict[str, object] = {}  # derived from the statistics; cleared when they change
+        self._scratch = Scratch()  # the cumulative sums of a segment
 
     def add(
         self,
@@ -309,7 +382,7 @@ class OLSEstimator:
             np.add.at(self.scalar[..., column].reshape(-1), rows, values)
             np.add.at(self.scalar_sq[..., column].reshape(-1), rows, weight * values)
         # the cumulative sums over steps serve the outcome sums and the residuals: computed once
-        cumulative_q = np.cumsum(q, axis=0)
+        cumulative_q = cumulative_sum(q, out=self._scratch.get("q", q.shape))
         sums = outcome_sums(
             windows, [weight, weight * x], rows, 2 * self.n_in, q, first_step, dt, cumulative_q
         )
@@ -317,31 +390,84 @@ class OLSEstimator:
         self.sum_xy += sums[1].reshape(2, self.n_in, self.n_out)
         cumulative_a = None
         if self.params.ols_adjust:
-            cumulative_a = np.cumsum(activity, axis=0)
-            covariates = outcome_sums(
-                windows,
-                [weight, weight * x],
-                rows,
-                2 * self.n_in,
-                activity,
-                first_step,
-                dt,
-                cumulative_a,
+            cumulative_a = cumulative_sum(activity, out=self._scratch.get("a", activity.shape))
+            self._add_covariate_sums(
+                windows, weight, side, rows, activity, cumulative_a, first_step, dt
             )
-            self.covariate_y += covariates[0].reshape(2, self.n_in, self.n_in)
-            self.covariate_xy += covariates[1].reshape(2, self.n_in, self.n_in)
             new = slice(
                 max((since_step if since_step is not None else first_step) - first_step, 0), None
             )
-            a, b = activity[new], q[new]
-            self.steps += len(a)
-            self.sum_a += a.sum(0)
-            self.sum_q += b.sum(0)
-            self.sum_aa += a.T @ a
-            self.sum_aq += a.T @ b
+            stride = self.params.adjust_stride
+            self._add_products(activity[new][::stride], q[new][::stride], stride)
         if early_se or self.se_trusted():  # else the SEs are inf whatever sigma^2 is: skip it
             cumulatives = (cumulative_q, activity, cumulative_a)
             self._update_residual_var(windows, weight, side, q, first_step, dt, cumulatives)
+
+    def reserve(self, n_steps: int) -> None:
+        """Fault in the work arrays of a segment of ``n_steps`` (with ``ols_adjust``), e.g. while
+        the caller waits for the segment: new memory costs ~2 ms per MB on first touch in a VM
+        that returns freed memory to its host."""
+        if self.params.ols_adjust:
+            for name, shape, dtype in (
+                ("q", (n_steps, self.n_out), np.float64),
+                ("a", (n_steps, self.n_in), np.float64),
+                ("gram", (self.n_in, self.n_in), np.float64),
+                ("gram32", (self.n_in, self.n_in), np.float32),
+            ):
+                self._scratch.get(name, shape, dtype).fill(0.0)
+
+    def _add_covariate_sums(
+        self, windows, weight, side, rows, activity, cumulative, first_step, dt
+    ) -> None:
+        """Add the window sums of the driven layer's activity (and its cumulative sum)."""
+        args = (activity, first_step, dt, cumulative)
+        sets = [weight, weight * windows.u_max]
+        if not self.params.ols_pooled:
+            covariates = outcome_sums(windows, sets, rows, 2 * self.n_in, *args)
+            self.covariate_y += covariates[0].reshape(2, self.n_in, self.n_in)
+            self.covariate_xy += covariates[1].reshape(2, self.n_in, self.n_in)
+            return
+        spiked = side == 0
+        self.covariate_spiked += outcome_sums(
+            windows.select(spiked), weight[spiked], windows.neuron[spiked], self.n_in, *args
+        )[0]
+        # one row per side: the windows' shared steps add up, so this costs a few steps' rows
+        self.covariate_total += outcome_sums(windows, sets, side, 2, *args)
+        start, end, length = window_steps(windows, first_step, len(activity), dt)
+        own = _outcomes(activity, cumulative, start, end, length, columns=windows.neuron)
+        for index, values in enumerate(sets):
+            np.add.at(self.covariate_own[index].reshape(-1), rows, values * own)
+
+    def _add_products(self, a: np.ndarray, b: np.ndarray, stride: int) -> None:
+        """Add the regression's sums over steps: a (steps, n_in) activity, b (steps, n_out) q,
+        every ``stride``-th step of the segment's, so each counts ``stride`` times.
+
+        The products are the phase's largest: single precision halves them, and about the
+        segment's means they lose nothing that matters (relative error ~1e-6 of a variance, not of
+        a raw second moment, which the means could exceed: a test adds 1000 standard deviations to
+        the activity); the means go back in double. Rows a block at a time keep the temporaries
+        small (:class:`Scratch`).
+        """
+        if len(a) == 0:
+            return
+        mean_a, mean_b = a.mean(0), b.mean(0)
+        gram = self._scratch.get("gram32", (self.n_in, self.n_in), np.float32)
+        gram.fill(0.0)
+        cross = np.zeros((self.n_in, self.n_out), np.float32)
+        for first in range(0, len(a), _PRODUCT_ROWS):
+            rows = slice(first, first + _PRODUCT_ROWS)
+            centred_a = np.subtract(a[rows], mean_a, dtype=np.float32)
+            gram += centred_a.T @ centred_a
+            cross += centred_a.T @ np.subtract(b[rows], mean_b, dtype=np.float32)
+        n = stride * len(a)
+        self.steps += n
+        self.sum_a += n * mean_a
+        self.sum_q += n * mean_b
+        self.sum_aa += stride * gram
+        for first in range(0, self.n_in, _PRODUCT_ROWS // 8):  # + n m m^T, without a temporary
+            rows = slice(first, first + _PRODUCT_ROWS // 8)
+            self.sum_aa[rows] += np.multiply.outer(n * mean_a[rows], mean_a)
+        self.sum_aq += stride * cross + n * np.outer(mean_a, mean_b)
 
     def se_trusted(self) -> bool:
         """Whether the standard errors count: with ``ols_adjust`` only once the adjustment's
@@ -361,21 +487,36 @@ class OLSEstimator:
         if "effects" not in self._cache:
             n = max(float(self.steps), 1.0)
             mean_a = self.sum_a / n
-            gram = self.sum_aa - n * np.outer(mean_a, mean_a)
             cross = self.sum_aq - n * np.outer(mean_a, self.sum_q / n)
-            # the ridge is worth adjust_ridge_steps steps of a neuron's mean activity variance: it
-            # keeps the fit from chasing noise early on and fades as steps accumulate; its floor
-            # keeps neurons that never fired at zero effect
-            variance = max(np.trace(gram) / self.n_in, 1e-300)  # summed over steps
-            ridge = (self.params.adjust_ridge_steps / n + 1e-6) * variance
-            self._cache["effects"] = np.linalg.solve(gram + ridge * np.eye(self.n_in), cross)
+
+            def ridged_gram():  # into scratch memory: 20 MB for 1600 neurons
+                gram = self._scratch.get("gram", (self.n_in, self.n_in))
+                np.multiply.outer(n * mean_a, mean_a, out=gram)
+                np.subtract(self.sum_aa, gram, out=gram)
+                # the ridge is worth adjust_ridge_steps steps of a neuron's mean activity
+                # variance: it keeps the fit from chasing noise early on and fades as steps
+                # accumulate; its floor keeps neurons that never fired at zero effect
+                variance = max(np.trace(gram) / self.n_in, 1e-300)  # summed over steps
+                gram[np.diag_indices_from(gram)] += (
+                    self.params.adjust_ridge_steps / n + 1e-6
+                ) * variance
+                return gram
+
+            try:  # positive definite: Cholesky
+                factor = cho_factor(ridged_gram(), overwrite_a=True, check_finite=False)
+                self._cache["effects"] = cho_solve(factor, cross, check_finite=False)
+            except np.linalg.LinAlgError:  # rounding beyond a faded ridge: any symmetric solve
+                self._cache["effects"] = np.linalg.solve(ridged_gram(), cross)
         return self._cache["effects"]
 
     def line_sums(self) -> tuple[np.ndarray, np.ndarray]:
-        """The sums the lines are fitted to: (sum w dR, sum w x dR) per (side, i, k), of the
-        adjusted outcomes with ``ols_adjust``."""
+        """The sums the free lines are fitted to: (sum w dR, sum w x dR) per (side, i, k), of the
+        adjusted outcomes with ``ols_adjust`` (kept per (side, i) only without ``ols_pooled``; the
+        pooled lines use :meth:`_pooled_sums`)."""
         if not self.params.ols_adjust:
             return self.sum_y, self.sum_xy
+        if self.params.ols_pooled:
+            raise ValueError("adjusted sums per (side, i, k) are kept only with ols_pooled=False")
         if "line_sums" not in self._cache:
             effects = self.effects_of_driven()
             own = np.arange(self.n_in)
@@ -391,7 +532,8 @@ class OLSEstimator:
         return self._cache["line_sums"]
 
     def lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Slopes and intercepts (side, i, k) and which neurons have both sides estimated."""
+        """Slopes and intercepts (side, i, k) of the free lines and which neurons have both sides
+        estimated."""
         sum_y, sum_xy = self.line_sums()
         n, sx, sxx = (self.scalar[..., c][..., None] for c in range(3))
         det = n * sxx - sx * sx
@@ -456,17 +598,18 @@ class OLSEstimator:
         n, sx, sxx = (self.scalar[..., c] for c in range(3))
         fit = None
         if n[1].sum() > 0:
-            sum_y, sum_xy = self.line_sums()
+            spiked_y, spiked_xy, control_y, control_xy = self._pooled_sums()
             control = _Group.of(self.scalar[1].sum(0)[None], self.scalar_sq[1].sum(0)[None])
-            control_mean_y = sum_y[1].sum(0) / control.n[0]
+            control_mean_y = control_y / control.n[0]
             control_slope = (
-                (sum_xy[1].sum(0) - control.sx[0] * control_mean_y) / control.slope_xx
+                (control_xy - control.sx[0] * control_mean_y) / control.slope_xx
                 if control.slope_xx > 0
                 else np.zeros(self.n_out)
             )
             spiked = _Group.of(self.scalar[0], self.scalar_sq[0])
-            mean_y = sum_y[0] / spiked.n[:, None]
-            within_xy = (sum_xy[0] - sx[0][:, None] * mean_y)[spiked.has].sum(0)
+            mean_y = spiked_y / spiked.n[:, None]
+            # a neuron without spiked windows has zero sums: the total over all is that over has
+            within_xy = spiked_xy - (sx[0][:, None] * mean_y)[spiked.has].sum(0)
             slope = within_xy / spiked.slope_xx if spiked.slope_xx > 0 else 0.0 * within_xy
             fit = _PooledFit(
                 has=spiked.has,
@@ -480,6 +623,26 @@ class OLSEstimator:
             )
         self._cache["pooled"] = fit
         return fit
+
+    def _pooled_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What the pooled lines take of :meth:`line_sums`: sum w dR per (i, k) of the spiked
+        side, and per k the totals over neurons of sum w x dR (spiked side), sum w dR and sum w x dR
+        (control side). A total over i of the adjustment is one row of covariate sums times the
+        effects, so only the first needs the full (n_in x n_in) by (n_in x n_out) product."""
+        if not self.params.ols_adjust:
+            return self.sum_y[0], self.sum_xy[0].sum(0), self.sum_y[1].sum(0), self.sum_xy[1].sum(0)
+        effects = self.effects_of_driven()
+        total, own = self.covariate_total, self.covariate_own  # [sum w, sum w x] x side
+
+        def adjusted_total(sums, index, side):  # sum over i of sums - (dA @ effects - own share)
+            return sums.sum(0) - (total[index, side] - own[index, side]) @ effects
+
+        return (
+            self.sum_y[0] - (self.covariate_spiked @ effects - own[0, 0][:, None] * effects),
+            adjusted_total(self.sum_xy[0], 1, 0),
+            adjusted_total(self.sum_y[1], 0, 1),
+            adjusted_total(self.sum_xy[1], 1, 1),
+        )
 
     def _free_groups(self) -> tuple[_Group, _Group]:
         """Two free lines per (i, k): every (side, neuron) is its own group with its own slope."""
@@ -535,11 +698,19 @@ class OLSEstimator:
         start, end, length, neuron = start[use], end[use], length[use], windows.neuron[use]
         outcome = _outcomes(q, cumulative_q, start, end, length)
         if self.params.ols_adjust:
-            # the adjusted outcome dR'_w = dR_w - sum_{j != i} dA_wj gamma_jk (module docstring)
+            # the adjusted outcome dR'_w = dR_w - sum_{j != i} dA_wj gamma_jk (module docstring),
+            # a block of windows at a time (dA of all of them would be 50 MB); the product in
+            # single precision, as sigma^2 is a mean of squares known to a few % anyway
             effects = self.effects_of_driven()
-            covariates = _outcomes(activity, cumulative_a, start, end, length)
-            outcome -= covariates @ effects
-            outcome += covariates[np.arange(len(use)), neuron][:, None] * effects[neuron]
+            effects32 = effects.astype(np.float32)
+            for first in range(0, len(use), _RESIDUAL_BLOCK):
+                block = slice(first, first + _RESIDUAL_BLOCK)
+                covariates = _outcomes(
+                    activity, cumulative_a, start[block], end[block], length[block]
+                )
+                own = covariates[np.arange(len(covariates)), neuron[block]]
+                outcome[block] -= covariates.astype(np.float32) @ effects32
+                outcome[block] += own[:, None] * effects[neuron[block]]
         fitted, factor = self._fitted_and_factor(neuron, windows.u_max[use], side[use], weight[use])
         sides = np.eye(2)[side[use]].T  # (2, windows): sums per side as one product
         squares, factors = sides @ (outcome - fitted) ** 2, sides @ factor
@@ -548,15 +719,28 @@ class OLSEstimator:
                 self.residual_var[s] = squares[s] / factors[s]
 
     _STATE = ("scalar", "scalar_sq", "sum_y", "sum_xy", "residual_var")
-    _ADJUST_STATE = ("covariate_y", "covariate_xy", "steps", "sum_a", "sum_q", "sum_aa", "sum_aq")
+    _ADJUST_STATE = ("steps", "sum_a", "sum_q", "sum_aa", "sum_aq")
+    _POOLED_COVARIATES = ("covariate_spiked", "covariate_total", "covariate_own")
+    _FREE_COVARIATES = ("covariate_y", "covariate_xy")
+
+    def _state_names(self) -> tuple[str, ...]:
+        if not self.params.ols_adjust:
+            return self._STATE
+        covariates = self._POOLED_COVARIATES if self.params.ols_pooled else self._FREE_COVARIATES
+        return self._STATE + self._ADJUST_STATE + covariates
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        names = self._STATE + (self._ADJUST_STATE if self.params.ols_adjust else ())
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in self._state_names()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        names = self._STATE + (self._ADJUST_STATE if self.params.ols_adjust else ())
+        names = self._state_names()
         state = dict(state)
+        if self.params.ols_pooled and "covariate_y" in state and "covariate_spiked" not in state:
+            # saved before the pooled lines kept only what they use: derive it (set, side, i, j)
+            full = np.stack([state.pop("covariate_y"), state.pop("covariate_xy")])
+            state["covariate_spiked"] = full[0, 0]
+            state["covariate_total"] = full.sum(2)
+            state["covariate_own"] = np.diagonal(full, axis1=2, axis2=3)
         # states saved before the standard errors existed: unweighted sums of w^2 equal those of
         # w (0/1 weights), and sigma^2 is unknown until the next segment
         if "scalar_sq" not in state and self.params.ols_bandwidth is None:
@@ -567,6 +751,12 @@ class OLSEstimator:
         self._cache.clear()
 
 
+#: Neurons filtered at a time by :func:`filtered_spikes`, steps multiplied at a time by the
+#: adjustment's regression, windows whose residuals are formed at a time: their temporaries stay
+#: a few MB however long the segment.
+_FILTER_BLOCK = 64
+_PRODUCT_ROWS = 1024
+_RESIDUAL_BLOCK = 512
 #: Windows whose residuals estimate sigma^2 after each segment (an even subsample of the kept).
 _RESIDUAL_WINDOWS = 4096
 #: sigma^2 is re-estimated only from a segment with more residual degrees of freedom than this.
@@ -744,7 +934,10 @@ def predicted_sign_agreement(beta: np.ndarray, se: np.ndarray, max_fit: int = 50
     sample = np.unique(np.linspace(0, len(b) - 1, min(len(b), max_fit)).astype(np.int64))
     b, s = b[sample], s[sample]
     grid = _prior_grid(b, s)
-    densities, right_sign = zip(*(_component(b, s, a) for a in grid), strict=True)
+    from scipy.special import ndtr
+
+    at_zero = ndtr(b / s)  # the same for every component
+    densities, right_sign = zip(*(_component(b, s, a, at_zero) for a in grid), strict=True)
     densities, right_sign = np.array(densities), np.array(right_sign)
     # one BLAS thread: the products are small, and the phase runs this while the next segment's
     # simulation holds a core (a BLAS team spinning against it took seconds instead of 0.1 s)
@@ -816,15 +1009,17 @@ def _prior_grid(b: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.r_[0.0, low * np.sqrt(2) ** np.arange(count + 1)]
 
 
-def _component(b: np.ndarray, s: np.ndarray, a: float) -> tuple[np.ndarray, np.ndarray]:
+def _component(
+    b: np.ndarray, s: np.ndarray, a: float, at_zero: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Density of beta_hat under the prior component U(-a, a) (a = 0: point mass at 0) and the
-    probability that the true b has beta_hat's sign under it."""
+    probability that the true b has beta_hat's sign under it (``at_zero``: Phi(beta_hat / se))."""
     from scipy.special import ndtr
 
     if a == 0:
         return np.exp(-0.5 * (b / s) ** 2) / (np.sqrt(2 * np.pi) * s), np.full(len(b), 0.5)
     upper, lower = ndtr((b + a) / s), ndtr((b - a) / s)
     mass = upper - lower
-    positive = (ndtr(b / s) - lower) / np.maximum(mass, 1e-300)  # P(b > 0 | beta_hat)
+    positive = (at_zero - lower) / np.maximum(mass, 1e-300)  # P(b > 0 | beta_hat)
     right = np.where(mass > 0, np.where(b >= 0, positive, 1 - positive), 0.5)
     return mass / (2 * a), right

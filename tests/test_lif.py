@@ -8,6 +8,7 @@ drive is B for the whole test, and v follows v(t) = 6/7 B + (v0 - 6/7 B) exp(-(g
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -152,3 +153,28 @@ def test_counter_based_noise_is_uniform_and_reproducible():
     assert abs(u.mean() - 0.5) < 0.01
     assert np.array_equal(u, hash_uniform(7, 1, np.arange(20000), 3))
     assert not np.array_equal(u, hash_uniform(8, 1, np.arange(20000), 3))
+
+
+def test_weights_are_written_once_and_again_only_when_they_change(program):
+    # layer 0's neuron 0 fires 34 times in the segment; through 1e9 its spikes drive layer 1 to
+    # fire too (tau_L = 1e6 s: a spike adds weight / kernel_norm to the drive)
+    def start(weights):
+        state = program.initial_state()
+        state[0]["trace_L"] = np.array([3.0 * PARAMS.kernel_norm, 0.0])
+        return program.start_segment([weights], state, (0,), seed=0, t_offset=0.0)
+
+    def files():
+        return sorted(os.listdir(program._weight_directory.name))
+
+    weights = np.array([[1e9, 0.0]])
+    first, _ = start(weights).result()
+    assert len(first.spike_times[0]) == 34 and len(first.spike_times[1]) > 0
+    written = files()
+    again, _ = start(weights.copy()).result()  # equal weights: the same file
+    assert files() == written and np.array_equal(again.spike_times[1], first.spike_times[1])
+    running = start(weights)
+    weights[0, 0] = 0.0  # changed in place: written anew, the old file removed
+    silent, _ = start(weights).result()
+    assert len(silent.spike_times[1]) == 0 and len(files()) == 1 and files() != written
+    # the segment started before the change still reads the weights it was started with
+    assert np.array_equal(running.result()[0].spike_times[1], first.spike_times[1])

@@ -1,6 +1,7 @@
 """The feedback-training phase end to end on a small network, and python -m sims.rdd_phase."""
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -11,7 +12,7 @@ import pytest
 from sims import rdd_phase
 from spikealign.errors import UserError
 from spikealign.metrics import alignment
-from spikealign.phase import FeedbackPhase, PhaseConfig, kaiming_uniform
+from spikealign.phase import FeedbackPhase, PhaseConfig, expected_ranks, kaiming_uniform
 from spikealign.spikelog import open_log
 
 SIZES = [40, 20, 10]
@@ -378,3 +379,16 @@ def test_drive_gain_scales_the_spiking_weights():
     assert np.allclose(half, 0.1 * 40 * weights[0] / weights[0].std())
     with pytest.raises(UserError, match="drive gain"):
         PhaseConfig(drive_gain=0.0).validate()
+
+
+def test_the_next_segment_is_guessed_from_each_layers_last_gain():
+    # while fc1 and fc3 are estimated, the segment after is guessed: fc1 gained 6 points last
+    # time, so it will pass fc2; fc3 has no gain yet, so it is taken not to be the least certain
+    config = PhaseConfig(duration=60.0, estimator="ols", schedule="adaptive")
+    phase = FeedbackPhase([40, 20, 10, 5], config, progress=False)
+    segments, unknown = [(0, 2), (1,), (0, 2)], [math.nan] * 3
+    ranks, gains = [70.0, 75.0, 72.0], [6.0, 2.0, math.nan]
+    expected = expected_ranks(ranks, gains, (0, 2))
+    assert expected == [76.0, 75.0, math.inf]
+    assert phase.next_segment(segments, unknown, ranks) == (0, 2)  # the ranks before
+    assert phase.next_segment(segments, unknown, expected) == (1,)

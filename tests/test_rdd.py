@@ -3,12 +3,15 @@
 import numpy as np
 import pytest
 
+from spikealign import rdd
 from spikealign.lif import LIFParams
 from spikealign.rdd import (
     LMSEstimator,
     OLSEstimator,
     RDDParams,
+    Scratch,
     Windows,
+    cumulative_sum,
     filtered_spikes,
     outcome_sums,
     predicted_sign_agreement,
@@ -198,6 +201,36 @@ def test_estimator_state_round_trip():
             assert np.array_equal(a.beta(), b.beta()) and np.all(np.isinf(b.standard_errors()))
 
 
+def test_filtered_spikes_go_a_block_of_neurons_at_a_time_into_scratch_memory():
+    p = LIFParams()
+    rng = np.random.default_rng(1)
+    n, steps = 150, 90  # three blocks of neurons
+    times, indices = rng.integers(0, steps, 400) * DT, rng.integers(0, n, 400)
+    scratch = Scratch()
+    out = scratch.get("q", (steps, n))
+    out.fill(np.nan)  # whatever the memory held before
+    q = filtered_spikes(times, indices, n, 0, steps, DT, p.tau_L, p.tau_s, out=out)
+    assert q is out
+    counts = np.zeros((steps, n))
+    np.add.at(counts, (np.rint(times / DT).astype(int), indices), 1.0)
+    kappa = np.r_[0.0, p.kernel(steps)]  # a spike at m counts from m + 1 on
+    expected = np.stack([np.convolve(counts[:, i], kappa)[:steps] for i in range(n)], axis=1)
+    assert np.allclose(q, expected)
+    assert np.shares_memory(scratch.get("q", (steps - 5, n)), out)  # a shorter segment reuses it
+    assert not np.shares_memory(scratch.get("q", (2 * steps, n)), out)  # a longer one cannot
+    with pytest.raises(ValueError, match=r"out must be float64 of shape \(90, 150\)"):
+        filtered_spikes(times, indices, n, 0, steps, DT, p.tau_L, p.tau_s, out=np.empty((90, 9)))
+
+
+def test_cumulative_sum_is_numpys_bit_for_bit_and_works_in_place():
+    rng = np.random.default_rng(0)
+    for width in (3, 200):  # numpy's own below 64 columns, row after row above
+        values = rng.normal(size=(500, width))
+        expected = np.cumsum(values, axis=0)
+        assert np.array_equal(cumulative_sum(values), expected)
+        assert cumulative_sum(values, out=values) is values and np.array_equal(values, expected)
+
+
 def test_filtered_twice_is_the_double_convolution():
     p = LIFParams()
     times, indices = np.array([0.004, 0.020]), np.array([1, 0])
@@ -249,10 +282,13 @@ def test_adjusted_ols_regression_finds_the_effects_and_needs_activity():
     with pytest.raises(ValueError, match="ols_adjust needs the driven layer's activity"):
         estimator.add(windows, q, 0, DT)
     # statistics accumulate over segments: the regression skips the steps before since_step
+    # (every step: a segment's every fourth step starts at its own first)
+    every_step = RDDParams(adjust_stride=1)
+    estimator = OLSEstimator(*beta.shape, every_step)
     estimator.add(windows, q, 0, DT, activity=activity, since_step=0)
     whole = estimator.effects_of_driven()
     half = len(q) // 2
-    split = OLSEstimator(*beta.shape, RDDParams())
+    split = OLSEstimator(*beta.shape, every_step)
     for start, stop in ((0, half), (half, len(q))):
         inside = (windows.start >= start * DT) & (windows.end < stop * DT)
         part = Windows(
@@ -261,6 +297,81 @@ def test_adjusted_ols_regression_finds_the_effects_and_needs_activity():
         first = max(start - 50, 0)  # 50 steps of history shared with the previous segment
         split.add(part, q[first:stop], first, DT, activity=activity[first:stop], since_step=start)
     assert np.allclose(split.effects_of_driven(), whole)
+
+
+def test_adjustment_is_unchanged_by_a_constant_in_the_activity():
+    # the regression's products are summed in single precision about each segment's mean: a
+    # layer firing fast (mean activity far above its spread) must not lose the regression to it
+    windows, q, activity, beta = adjusted_case(seed=4)
+    fits = []
+    for offset in (0.0, 1e3 * activity.std()):
+        estimator = OLSEstimator(*beta.shape, RDDParams())
+        half = len(q) // 2  # two segments, each about its own mean
+        estimator.add(windows.select(windows.end < half * DT), q, 0, DT, activity=activity + offset)
+        estimator.add(
+            windows.select(windows.end >= half * DT),
+            q,
+            0,
+            DT,
+            activity=activity + offset,
+            since_step=half,
+            early_se=True,
+        )
+        fits.append(
+            (estimator.effects_of_driven(), estimator.beta(), estimator.standard_errors(False))
+        )
+    for plain, shifted in zip(*fits, strict=True):
+        assert np.allclose(shifted, plain, rtol=1e-4, atol=1e-6 * np.abs(plain).max())
+
+
+def test_adjustment_solves_without_cholesky_when_rounding_makes_it_indefinite(monkeypatch):
+    windows, q, activity, beta = adjusted_case(seed=6)
+    estimator = OLSEstimator(*beta.shape, RDDParams())
+    estimator.add(windows, q, 0, DT, activity=activity)
+    effects = estimator.effects_of_driven().copy()
+
+    def indefinite(*args, **kwargs):
+        raise np.linalg.LinAlgError("not positive definite")
+
+    monkeypatch.setattr(rdd, "cho_factor", indefinite)
+    estimator._cache.clear()
+    assert np.allclose(estimator.effects_of_driven(), effects, rtol=1e-8, atol=1e-12)
+
+
+def test_regression_on_every_fourth_step_is_the_regression_on_every_step():
+    # the activity is kappa * kappa of spikes: a step says little its neighbour has not said
+    windows, q, activity, beta = adjusted_case(seed=7, per_neuron=150)
+    fits = {}
+    for stride in (1, 4):
+        estimator = OLSEstimator(*beta.shape, RDDParams(adjust_stride=stride))
+        estimator.add(windows, q, 0, DT, activity=activity, early_se=True)
+        assert abs(estimator.steps - len(q)) < stride  # steps still count time, not samples
+        assert np.allclose(estimator.sum_a, activity.sum(0), rtol=1e-3)
+        fits[stride] = estimator
+    every, fourth = fits[1].effects_of_driven(), fits[4].effects_of_driven()
+    assert np.abs(fourth - every).max() < 2e-3 * np.abs(every).max()
+    assert np.allclose(fits[4].standard_errors(), fits[1].standard_errors(), rtol=1e-3)
+    assert np.abs(fits[4].beta() - fits[1].beta()).max() < 1e-2 * np.abs(beta).max()
+    with pytest.raises(ValueError, match="adjust_stride must be a positive integer"):
+        OLSEstimator(2, 2, RDDParams(adjust_stride=0))
+
+
+def test_pooled_state_saved_with_every_covariate_sum_still_loads():
+    # before, the pooled lines kept the covariate sums per (side, i, j) as the free lines do
+    windows, q, activity, beta = adjusted_case(seed=5)
+    pooled, free = (OLSEstimator(*beta.shape, RDDParams(ols_pooled=p)) for p in (True, False))
+    for estimator in (pooled, free):
+        estimator.add(windows, q, 0, DT, activity=activity, early_se=True)
+    old = {k: v for k, v in pooled.state_dict().items() if not k.startswith("covariate")}
+    old.update(covariate_y=free.covariate_y, covariate_xy=free.covariate_xy)
+    loaded = OLSEstimator(*beta.shape, RDDParams())
+    loaded.load_state_dict(old)
+    assert set(loaded.state_dict()) == set(pooled.state_dict())
+    # the same sums added in another order: equal to rounding, which the regression amplifies
+    assert np.allclose(loaded.beta(), pooled.beta(), rtol=1e-8, atol=1e-8)
+    assert np.allclose(loaded.standard_errors(False), pooled.standard_errors(False), rtol=1e-8)
+    with pytest.raises(ValueError, match="only with ols_pooled=False"):
+        pooled.line_sums()
 
 
 def test_adjusted_ols_leaves_the_neurons_own_activity_alone():
@@ -363,7 +474,7 @@ def direct_ridge(activity: np.ndarray, q: np.ndarray, ridge_steps: float) -> np.
 @pytest.mark.parametrize("ridge", [0.0, 1000.0, 30000.0])
 def test_adjusted_standard_errors_match_direct_least_squares_of_adjusted_outcomes(ridge):
     windows, q, activity, beta = adjusted_case(seed=2, n_in=8, per_neuron=50)
-    params = RDDParams(adjust_ridge_steps=ridge)
+    params = RDDParams(adjust_ridge_steps=ridge, adjust_stride=1)  # the direct one takes every step
     estimator = OLSEstimator(*beta.shape, params)
     estimator.add(windows, q, 0, DT, activity=activity)
     # the regression of q on the driven layer, directly, and dR'_w = dR_w - sum_{j != i} dA_wj g_jk
@@ -461,6 +572,7 @@ def test_predicted_sign_agreement_matches_the_truth_without_seeing_it(noise):
 def test_mixture_weights_reach_the_maximum_likelihood():
     # mix-SQP against a general bound-constrained optimiser on the same convex problem
     from scipy.optimize import minimize
+    from scipy.special import ndtr
 
     from spikealign.rdd import _component, _mixture_weights, _prior_grid
 
@@ -468,7 +580,9 @@ def test_mixture_weights_reach_the_maximum_likelihood():
     truth = rng.uniform(-1, 1, 5000) * (rng.random(5000) < 0.7)  # a point mass at 0 too
     se = rng.uniform(0.2, 0.6, truth.size)
     estimate = truth + se * rng.normal(size=truth.size)
-    densities = np.array([_component(estimate, se, a)[0] for a in _prior_grid(estimate, se)])
+    at_zero = ndtr(estimate / se)
+    grid = _prior_grid(estimate, se)
+    densities = np.array([_component(estimate, se, a, at_zero)[0] for a in grid])
     likelihood = densities / densities.max(0)
 
     def objective(x):
