@@ -535,7 +535,7 @@ class LIFProgram:
         ms a segment). A segment keeps its own link, so replacing the file never pulls it from
         under a running program."""
         held = self._weight_files.get(number)
-        if held is None or held[0].shape != weight.shape or not np.array_equal(held[0], weight):
+        if held is None or not np.array_equal(held[0], weight):
             if self._weight_directory is None:
                 self._weight_directory = tempfile.TemporaryDirectory(prefix="spikealign-weights-")
             pre, post = self._synapse_order[number]

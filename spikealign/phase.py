@@ -488,19 +488,11 @@ class FeedbackPhase:
         first_step = math.floor(first_time / p.dt)
         n_steps = round(end / p.dt) - first_step + 1
         filter_args = (first_step, n_steps, p.dt, p.tau_L, p.tau_s)
-        above, size = driven + 1, self.sizes[driven + 1]
-        q = filtered_spikes(
-            *spikes[above], size, *filter_args, out=self._scratch.get(above, (n_steps, size))
-        )
-        activity = None
-        if self._needs_activity:
-            size = self.sizes[driven]
-            activity = filtered_spikes(
-                *spikes[driven],
-                size,
-                *filter_args,
-                times=2,
-                out=self._scratch.get(("activity", driven), (n_steps, size)),
+        q, activity = self._work_arrays(driven, n_steps)
+        filtered_spikes(*spikes[driven + 1], self.sizes[driven + 1], *filter_args, out=q)
+        if activity is not None:
+            filtered_spikes(
+                *spikes[driven], self.sizes[driven], *filter_args, times=2, out=activity
             )
         self._estimators[driven].add(
             windows,
@@ -517,10 +509,19 @@ class FeedbackPhase:
         first time (:class:`spikealign.rdd.Scratch`: a segment of 1600 neurons needs 300 MB)."""
         n_steps = round((segment + 2 * _HISTORY_S) / self.config.lif.dt)
         for fc in chosen:
-            self._scratch.get(fc + 1, (n_steps, self.sizes[fc + 1])).fill(0.0)
-            if self._needs_activity:
-                self._scratch.get(("activity", fc), (n_steps, self.sizes[fc])).fill(0.0)
+            q, activity = self._work_arrays(fc, n_steps)
+            q.fill(0.0)
+            if activity is not None:
+                activity.fill(0.0)
                 self._estimators[fc].reserve(n_steps)
+
+    def _work_arrays(self, driven: int, n_steps: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scratch memory for estimating fc ``driven`` from ``n_steps``: the filtered spikes q
+        of the layer above, and the driven layer's activity (adjusted OLS only, else None)."""
+        q = self._scratch.get(driven + 1, (n_steps, self.sizes[driven + 1]))
+        if not self._needs_activity:
+            return q, None
+        return q, self._scratch.get(("activity", driven), (n_steps, self.sizes[driven]))
 
     def _update(self, fc: int, feedback: np.ndarray, beta: np.ndarray) -> np.ndarray:
         """Apply the feedback update rule with the current beta (n_in x n_out) to Y (out x in)."""

@@ -35,7 +35,7 @@ Two estimators share the recorded windows:
 * ``ols`` with ``ols_adjust`` (default): covariate-adjusted RDD. Most of the variance of dR_ik
   comes from the other driven neurons, whose spikes the treatment of i cannot move (no lateral
   connections, independent noise). A ridge regression of q_k on the activity
-  ``a_j = kappa * kappa * s_j`` of every driven neuron, over every time step, predicts their part of
+  ``a_j = kappa * kappa * s_j`` of every driven neuron, over the time steps, predicts their part of
   each window's outcome, which is subtracted before the lines are fitted::
 
       dR'_ik = dR_ik - sum_{j != i} gamma_jk dA_j      dA_j: the outcome of a_j over the window
@@ -341,7 +341,7 @@ class OLSEstimator:
             self.sum_a, self.sum_q = np.zeros(n_in), np.zeros(n_out)
             self.sum_aa, self.sum_aq = np.zeros((n_in, n_in)), np.zeros((n_in, n_out))
         self._cache: dict[str, object] = {}  # derived from the statistics; cleared when they change
-        self._scratch = Scratch()  # the cumulative sums of a segment
+        self._scratch = Scratch()  # work arrays of a segment (_work_array)
 
     def add(
         self,
@@ -382,17 +382,16 @@ class OLSEstimator:
             np.add.at(self.scalar[..., column].reshape(-1), rows, values)
             np.add.at(self.scalar_sq[..., column].reshape(-1), rows, weight * values)
         # the cumulative sums over steps serve the outcome sums and the residuals: computed once
-        cumulative_q = cumulative_sum(q, out=self._scratch.get("q", q.shape))
-        sums = outcome_sums(
-            windows, [weight, weight * x], rows, 2 * self.n_in, q, first_step, dt, cumulative_q
-        )
+        cumulative_q = cumulative_sum(q, out=self._work_array("q", len(q)))
+        sets = [weight, weight * x]  # the sums per window of w dR and w x dR
+        sums = outcome_sums(windows, sets, rows, 2 * self.n_in, q, first_step, dt, cumulative_q)
         self.sum_y += sums[0].reshape(2, self.n_in, self.n_out)
         self.sum_xy += sums[1].reshape(2, self.n_in, self.n_out)
         cumulative_a = None
         if self.params.ols_adjust:
-            cumulative_a = cumulative_sum(activity, out=self._scratch.get("a", activity.shape))
+            cumulative_a = cumulative_sum(activity, out=self._work_array("a", len(activity)))
             self._add_covariate_sums(
-                windows, weight, side, rows, activity, cumulative_a, first_step, dt
+                windows, sets, side, rows, activity, cumulative_a, first_step, dt
             )
             new = slice(
                 max((since_step if since_step is not None else first_step) - first_step, 0), None
@@ -408,20 +407,26 @@ class OLSEstimator:
         the caller waits for the segment: new memory costs ~2 ms per MB on first touch in a VM
         that returns freed memory to its host."""
         if self.params.ols_adjust:
-            for name, shape, dtype in (
-                ("q", (n_steps, self.n_out), np.float64),
-                ("a", (n_steps, self.n_in), np.float64),
-                ("gram", (self.n_in, self.n_in), np.float64),
-                ("gram32", (self.n_in, self.n_in), np.float32),
-            ):
-                self._scratch.get(name, shape, dtype).fill(0.0)
+            for name in ("q", "a", "gram", "gram32"):
+                self._work_array(name, n_steps).fill(0.0)
+
+    def _work_array(self, name: str, n_steps: int = 0) -> np.ndarray:
+        """Scratch memory by name: the cumulative sums over ``n_steps`` of q ("q") and of the
+        activity ("a"), the Gram matrix ("gram") and a segment's share of it ("gram32")."""
+        shape, dtype = {
+            "q": ((n_steps, self.n_out), np.float64),
+            "a": ((n_steps, self.n_in), np.float64),
+            "gram": ((self.n_in, self.n_in), np.float64),
+            "gram32": ((self.n_in, self.n_in), np.float32),
+        }[name]
+        return self._scratch.get(name, shape, dtype)
 
     def _add_covariate_sums(
-        self, windows, weight, side, rows, activity, cumulative, first_step, dt
+        self, windows, sets, side, rows, activity, cumulative, first_step, dt
     ) -> None:
-        """Add the window sums of the driven layer's activity (and its cumulative sum)."""
+        """Add the window sums of the driven layer's activity (and its cumulative sum), weighted
+        by ``sets`` (w and w x per window)."""
         args = (activity, first_step, dt, cumulative)
-        sets = [weight, weight * windows.u_max]
         if not self.params.ols_pooled:
             covariates = outcome_sums(windows, sets, rows, 2 * self.n_in, *args)
             self.covariate_y += covariates[0].reshape(2, self.n_in, self.n_in)
@@ -429,7 +434,7 @@ class OLSEstimator:
             return
         spiked = side == 0
         self.covariate_spiked += outcome_sums(
-            windows.select(spiked), weight[spiked], windows.neuron[spiked], self.n_in, *args
+            windows.select(spiked), sets[0][spiked], windows.neuron[spiked], self.n_in, *args
         )[0]
         # one row per side: the windows' shared steps add up, so this costs a few steps' rows
         self.covariate_total += outcome_sums(windows, sets, side, 2, *args)
@@ -451,7 +456,7 @@ class OLSEstimator:
         if len(a) == 0:
             return
         mean_a, mean_b = a.mean(0), b.mean(0)
-        gram = self._scratch.get("gram32", (self.n_in, self.n_in), np.float32)
+        gram = self._work_array("gram32")
         gram.fill(0.0)
         cross = np.zeros((self.n_in, self.n_out), np.float32)
         for first in range(0, len(a), _PRODUCT_ROWS):
@@ -490,7 +495,7 @@ class OLSEstimator:
             cross = self.sum_aq - n * np.outer(mean_a, self.sum_q / n)
 
             def ridged_gram():  # into scratch memory: 20 MB for 1600 neurons
-                gram = self._scratch.get("gram", (self.n_in, self.n_in))
+                gram = self._work_array("gram")
                 np.multiply.outer(n * mean_a, mean_a, out=gram)
                 np.subtract(self.sum_aa, gram, out=gram)
                 # the ridge is worth adjust_ridge_steps steps of a neuron's mean activity

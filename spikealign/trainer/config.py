@@ -27,14 +27,13 @@ RDD_LAYER_RULES = {**dict.fromkeys(FC_LAYERS, "learned"), "default": "fa"}
 DECAYED_RULES = ("fa", "rdd")
 #: Alignment measures recorded per fully connected layer (keys of ``metrics.alignment``).
 ALIGNMENT_KEYS = ("angle_deg", "sign_agreement", "norm_ratio")
-#: Config fields that describe where and how a run executes, not what it computes; a resumed run
-#: may change them (``epochs`` to extend the run).
 #: Settings of the spiking feedback phase: given for another rule they would be silently unused.
 PHASE_FIELDS = (
     "rdd_every", "rdd_time", "estimator", "update", "schedule", "target", "drive_gain",
     "noise_period",
 )  # fmt: skip
-
+#: Config fields that describe where and how a run executes, not what it computes; a resumed run
+#: may change them (``epochs`` to extend the run).
 RUNTIME_FIELDS = (
     "data_dir", "download", "device", "dist_backend", "workers", "epochs", "loader", "compile",
     "cuda_graph",
